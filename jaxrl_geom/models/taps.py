@@ -7,10 +7,11 @@ per-channel statistics of the query and key projections collected here.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 
 class ChannelStats(NamedTuple):
@@ -60,3 +61,58 @@ def combine_stats(a: ChannelStats, b: ChannelStats) -> ChannelStats:
         max_abs=jnp.maximum(a.max_abs, b.max_abs),
         count=a.count + b.count,
     )
+
+
+def set_qk_capture(model: Any, on: bool) -> None:
+    """Turn the LongAct q/k capture of every attention layer of ``model`` on or off.
+
+    The flag is a static Python attribute: a jitted function sees it through the
+    graph definition, so toggling it retraces once and costs nothing when off.
+    Capture runs on cache-free forwards only (training passes); a cached forward
+    with capture on raises.
+    """
+    from jaxrl_geom.models.attention import Attention  # lazy: attention imports taps
+
+    found = False
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Attention):
+            module.capture_qk = bool(on)
+            found = True
+    if not found:
+        raise ValueError(
+            f"set_qk_capture: {type(model).__name__} has no Attention layers; pass a "
+            "jaxrl_geom.models.Decoder."
+        )
+
+
+def collect_qk_stats(model_or_intermediates: Any) -> dict[str, ChannelStats]:
+    """Stack the sown q/k statistics over layers: ``{"q": ChannelStats [L, Cq], "k": ...}``.
+
+    Accepts the model itself or ``nnx.state(model, nnx.Intermediate)`` (or the state
+    returned by ``nnx.capture``). A layer called several times since the last reset
+    contributes the :func:`combine_stats` of its calls. Layers are ordered by index.
+    """
+    state = model_or_intermediates
+    if isinstance(state, nnx.Module):
+        state = nnx.state(state, nnx.Intermediate)
+    per_layer: list[tuple[tuple[Any, ...], dict[str, ChannelStats]]] = []
+    for path, value in nnx.to_flat_state(state):
+        if not path or path[-1] != "qk_stats":
+            continue
+        calls = value.get_value() if isinstance(value, nnx.Variable) else value
+        combined = calls[0]
+        for extra in calls[1:]:
+            combined = {name: combine_stats(combined[name], extra[name]) for name in combined}
+        per_layer.append((path, combined))
+    if not per_layer:
+        raise ValueError(
+            "collect_qk_stats found no 'qk_stats': call set_qk_capture(model, True) and run a "
+            "cache-free forward first."
+        )
+    per_layer.sort(key=lambda item: tuple(_sort_key(p) for p in item[0]))
+    stats = [s for _, s in per_layer]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+
+
+def _sort_key(part: Any) -> tuple[int, Any]:
+    return (0, part) if isinstance(part, int) else (1, str(part))

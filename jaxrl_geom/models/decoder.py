@@ -1,0 +1,199 @@
+"""The decoder language model (llama / qwen2 / qwen3) and its KV cache.
+
+One forward serves training (no cache, all positions), prefill (cache, logits at
+the last position only) and decode (cache, one token):
+
+.. code-block:: python
+
+    logits, cache = model(tokens, positions, attention_mask, cache=None, logits_slice=None)
+
+Batches are left-padded: ``attention_mask`` marks real tokens (never derived from
+token values), ``positions`` are the RoPE positions (``cumsum(mask) - 1`` clipped at
+0). Left padding lets the whole batch share one cache write offset, so the cache is
+written with a single ``dynamic_update_slice`` per layer and never concatenated.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrl_geom.models.attention import Attention
+from jaxrl_geom.models.config import ModelConfig
+from jaxrl_geom.models.layers import MLP, Embedding, Linear, RMSNorm
+
+
+class KVCache(NamedTuple):
+    """Per-layer key/value buffers with one write offset shared by the batch.
+
+    A call with ``T`` tokens writes slots ``[index, index + T)``; query ``t`` attends
+    to slots ``s <= index + t`` with ``valid[b, s]``. The caller keeps
+    ``index + T <= S`` (``dynamic_update_slice`` clamps out-of-range offsets).
+    """
+
+    k: tuple[jax.Array, ...]  # per layer [B, S, K, hd], after RoPE
+    v: tuple[jax.Array, ...]  # per layer [B, S, K, hd]
+    valid: jax.Array  # bool [B, S] slot holds a real token
+    index: jax.Array  # int32 [] next write offset
+
+
+def init_cache(
+    config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype | str | None = None
+) -> KVCache:
+    """An empty cache of ``max_len`` slots (``dtype`` defaults to ``config.dtype``)."""
+    if batch <= 0 or max_len <= 0:
+        raise ValueError(f"init_cache needs batch > 0 and max_len > 0, got {batch}, {max_len}.")
+    dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+    return KVCache(
+        k=zeros,
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
+        valid=jnp.zeros((batch, max_len), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``h += attn(norm(h)); h += mlp(norm(h))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        norm_kw = dict(
+            eps=config.rms_norm_eps, dtype=config.compute_dtype, param_dtype=config.params_dtype
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, **norm_kw)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm_kw)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(
+        self,
+        h: jax.Array,  # [B, T, D]
+        positions: jax.Array,  # [B, T]
+        attention_mask: jax.Array,  # [B, T]
+        kv_valid: jax.Array,  # [B, S]
+        cache_kv: tuple[jax.Array, jax.Array] | None,
+        index: jax.Array | int,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        a, cache_kv = self.self_attn(
+            self.input_layernorm(h), positions, attention_mask, kv_valid, cache_kv, index
+        )
+        h = h + a
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, cache_kv
+
+
+def _call_layer(layer: DecoderLayer, *args):
+    return layer(*args)
+
+
+class Decoder(nnx.Module):
+    """Decoder LM with Hugging Face parameter names (see docs/DESIGN.md).
+
+    Example::
+
+        model = Decoder(ModelConfig.tiny(vocab_size=64), rngs=nnx.Rngs(0))
+        logits, _ = model(tokens, positions, mask)                    # [B, T, V] float32
+        cache = init_cache(model.config, batch=B, max_len=S)
+        logits, cache = model(tokens, positions, mask, cache=cache, logits_slice="last")
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None = None):
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self.config = config
+        dt, pdt = config.compute_dtype, config.params_dtype
+        self.embed_tokens = Embedding(
+            config.vocab_size, config.hidden_size, dtype=dt, param_dtype=pdt, rngs=rngs
+        )
+        self.layers = nnx.List(
+            [DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dt, param_dtype=pdt)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(
+                config.hidden_size,
+                config.vocab_size,
+                axes=("embed", "vocab"),
+                dtype=dt,
+                param_dtype=pdt,
+                out_dtype=jnp.float32,
+                kernel_init=nnx.initializers.normal(0.02),
+                rngs=rngs,
+            )
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # int32 [B, T]
+        positions: jax.Array,  # int32 [B, T]
+        attention_mask: jax.Array,  # bool [B, T]
+        cache: KVCache | None = None,
+        logits_slice: Literal["last"] | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Logits float32 ``[B, T, V]`` (``[B, 1, V]`` with ``logits_slice="last"``).
+
+        Without a cache: causal mask and key-valid mask over this call's tokens. With
+        a cache: writes this call's k/v at ``[index, index + T)``, marks those slots
+        valid where ``attention_mask``, attends over valid slots up to each query's
+        slot, and returns the cache with ``index + T``. Padded query rows give finite
+        (meaningless) logits.
+        """
+        self._check_inputs(tokens, positions, attention_mask, cache, logits_slice)
+        attention_mask = attention_mask.astype(bool)
+        if cache is None:
+            kv_valid, index = attention_mask, 0
+        else:
+            kv_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
+            index = cache.index
+
+        call = _call_layer
+        if self.config.remat:
+            call = nnx.remat(_call_layer, policy=jax.checkpoint_policies.nothing_saveable)
+        h = self.embed_tokens(tokens)  # [B, T, D]
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            h, layer_cache = call(layer, h, positions, attention_mask, kv_valid, layer_cache, index)
+            if layer_cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+
+        if logits_slice == "last":
+            h = h[:, -1:]  # [B, 1, D] left padding: the last column is real in every row
+        h = self.norm(h)
+        logits = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        if cache is None:
+            return logits, None
+        t = tokens.shape[1]
+        return logits, KVCache(tuple(new_k), tuple(new_v), kv_valid, cache.index + t)
+
+    def _check_inputs(self, tokens, positions, attention_mask, cache, logits_slice) -> None:
+        if (
+            tokens.ndim != 2
+            or positions.shape != tokens.shape
+            or attention_mask.shape != tokens.shape
+        ):
+            raise ValueError(
+                "Decoder expects tokens, positions and attention_mask all [B, T]; got "
+                f"{tokens.shape}, {positions.shape}, {attention_mask.shape}. Build positions "
+                "as cumsum(mask) - 1 clipped at 0."
+            )
+        if logits_slice not in (None, "last"):
+            raise ValueError(f"logits_slice must be None or 'last', got {logits_slice!r}.")
+        if cache is not None:
+            slots = cache.valid.shape
+            if len(cache.k) != self.config.num_hidden_layers or slots[0] != tokens.shape[0]:
+                raise ValueError(
+                    f"KVCache for {len(cache.k)} layers x batch {slots[0]} does not fit this "
+                    f"model ({self.config.num_hidden_layers} layers) and batch {tokens.shape[0]}; "
+                    "build it with init_cache(model.config, batch, max_len)."
+                )
+            if tokens.shape[1] > slots[1]:
+                raise ValueError(
+                    f"{tokens.shape[1]} tokens do not fit a KV cache of {slots[1]} slots; "
+                    "allocate max_len >= prompt + new tokens."
+                )

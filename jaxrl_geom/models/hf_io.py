@@ -1,0 +1,234 @@
+"""Hugging Face checkpoints (safetensors) in and out, through one declarative key map.
+
+Each row of :data:`GLOBAL_KEYS` / :data:`LAYER_KEYS` pairs a Hugging Face tensor
+name with our parameter path and whether the tensor is transposed (HF ``nn.Linear``
+stores ``[out, in]``, our kernels ``[in, out]``). The rows whose path exists in a
+model form that model's map (:func:`key_map`); loading and saving both read it, so
+they cannot drift apart.
+
+Loading builds the model abstractly (``nnx.eval_shape``, no parameter memory), then
+reads each tensor on the host and ``device_put``s it straight to its sharding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxrl_geom.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from jaxrl_geom.models.decoder import Decoder
+
+PathParts = tuple[Any, ...]
+
+
+class KeySpec(NamedTuple):
+    path: PathParts  # our parameter path, e.g. ("layers", 0, "self_attn", "q_proj", "kernel")
+    transpose: bool  # HF stores the transpose ([out, in])
+
+
+# (HF name, our path, transpose). Layer rows are under "model.layers.{i}." / ("layers", i).
+GLOBAL_KEYS: tuple[tuple[str, PathParts, bool], ...] = (
+    ("model.embed_tokens.weight", ("embed_tokens", "embedding"), False),
+    ("model.norm.weight", ("norm", "scale"), False),
+    ("lm_head.weight", ("lm_head", "kernel"), True),
+)
+LAYER_KEYS: tuple[tuple[str, PathParts, bool], ...] = (
+    ("input_layernorm.weight", ("input_layernorm", "scale"), False),
+    ("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), False),
+    *(
+        row
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
+        for row in (
+            (f"self_attn.{proj}.weight", ("self_attn", proj, "kernel"), True),
+            (f"self_attn.{proj}.bias", ("self_attn", proj, "bias"), False),
+        )
+    ),
+    ("self_attn.q_norm.weight", ("self_attn", "q_norm", "scale"), False),
+    ("self_attn.k_norm.weight", ("self_attn", "k_norm", "scale"), False),
+    ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), True),
+    ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), True),
+    ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), True),
+)
+# Checkpoint entries that carry no parameters (old non-persistent RoPE buffers).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def key_map(param_paths: set[PathParts], num_layers: int) -> dict[str, KeySpec]:
+    """``{hf_name: KeySpec}`` for the parameters that exist (``param_paths``)."""
+    rows = [(name, path, t) for name, path, t in GLOBAL_KEYS]
+    for i in range(num_layers):
+        rows += [(f"model.layers.{i}.{n}", ("layers", i, *p), t) for n, p, t in LAYER_KEYS]
+    mapping = {name: KeySpec(path, t) for name, path, t in rows if path in param_paths}
+    if len(mapping) != len(param_paths):
+        unmapped = sorted(map(str, param_paths - {s.path for s in mapping.values()}))
+        raise ValueError(f"Parameters without a Hugging Face name: {unmapped[:5]}.")
+    return mapping
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    mesh: jax.sharding.Mesh | None = None,
+    dtype: Any = None,
+    *,
+    param_dtype: Any = None,
+) -> Decoder:
+    """Load a Hugging Face llama / qwen2 / qwen3 checkpoint directory as a :class:`Decoder`.
+
+    Args:
+      path: directory with ``config.json`` and ``model.safetensors`` (or shards listed
+        in ``model.safetensors.index.json``).
+      mesh: place each parameter directly on this ``("data", "fsdp", "tensor")`` mesh
+        by its logical axes (:mod:`jaxrl_geom.sharding`); ``None``: default device.
+      dtype: compute dtype (default float32, whatever the checkpoint's dtype).
+      param_dtype: parameter storage dtype (default float32).
+
+    Raises:
+      ValueError: missing directory/config, pickle-only (``.bin``) checkpoints,
+        unsupported model types, or missing / unexpected / misshapen tensors.
+    """
+    from jaxrl_geom import sharding  # lazy: sharding is optional at this boundary
+
+    root = Path(path)
+    config = _read_config(root, dtype, param_dtype)
+    files = _safetensors_files(root)
+
+    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(abstract_state))
+    mapping = key_map(set(flat), config.num_hidden_layers)
+    shardings = (
+        dict(nnx.to_flat_state(sharding.param_shardings(abstract_state, mesh)))
+        if mesh is not None
+        else None
+    )
+
+    loaded: dict[PathParts, nnx.Variable] = {}
+    unexpected: list[str] = []
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            for name in f.keys():
+                spec = mapping.get(name)
+                if spec is None:
+                    if not _ignorable(name, config):
+                        unexpected.append(name)
+                    continue
+                variable = flat[spec.path]
+                array = f.get_tensor(name)
+                array = array.T if spec.transpose else array
+                if array.shape != variable.shape:
+                    raise ValueError(
+                        f"{name}: checkpoint shape {array.shape} (after transpose={spec.transpose})"
+                        f" != model shape {variable.shape}; config.json does not match the "
+                        "weights."
+                    )
+                array = np.ascontiguousarray(array.astype(variable.dtype))
+                target = shardings[spec.path].get_value() if shardings else None
+                value = jnp.asarray(array) if target is None else jax.device_put(array, target)
+                loaded[spec.path] = variable.replace(value)
+    missing = sorted(n for n, s in mapping.items() if s.path not in loaded)
+    if missing or unexpected:
+        raise ValueError(
+            f"Checkpoint {root} does not match a {config.model_type} Decoder: missing "
+            f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
+            f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. Check that config.json "
+            "belongs to these weights."
+        )
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def _read_config(root: Path, dtype: Any, param_dtype: Any) -> ModelConfig:
+    if not (root / "config.json").is_file():
+        raise ValueError(
+            f"{root} has no config.json; pass a Hugging Face model directory (saved with "
+            "save_pretrained), not a file or hub id."
+        )
+    model_type = json.loads((root / "config.json").read_text()).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"Unsupported model_type {model_type!r} in {root / 'config.json'}; supported model "
+            f"types: {SUPPORTED_MODEL_TYPES}."
+        )
+    import transformers  # lazy: heavy import, only at the HF boundary
+
+    hf_config = transformers.AutoConfig.from_pretrained(root)
+    return ModelConfig.from_hf(
+        hf_config,
+        dtype=_dtype_name(dtype),
+        param_dtype=_dtype_name(param_dtype),
+    )
+
+
+def _safetensors_files(root: Path) -> list[Path]:
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [root / f for f in sorted(set(weight_map.values()))]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise ValueError(f"Shards listed in {index} are missing: {absent}.")
+        return files
+    if (root / "model.safetensors").is_file():
+        return [root / "model.safetensors"]
+    pickles = sorted(p.name for p in root.glob("*.bin")) + sorted(p.name for p in root.glob("*.pt"))
+    if pickles:
+        raise ValueError(
+            f"{root} holds only pickle weights ({pickles[:3]}); only safetensors checkpoints "
+            "(model.safetensors or model.safetensors.index.json) are supported. Convert with "
+            "transformers: AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, "
+            "safe_serialization=True)."
+        )
+    raise ValueError(
+        f"{root} has no model.safetensors or model.safetensors.index.json; only safetensors "
+        "checkpoints are supported."
+    )
+
+
+def _ignorable(name: str, config: ModelConfig) -> bool:
+    # Tied models may still store lm_head.weight (a copy of the embedding): HF ignores it.
+    return name.endswith(_IGNORED_SUFFIXES) or (
+        name == "lm_head.weight" and config.tie_word_embeddings
+    )
+
+
+def _dtype_name(dtype: Any) -> str:
+    return "float32" if dtype is None else jnp.dtype(dtype).name
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_pretrained(model: Decoder, path: str | os.PathLike) -> None:
+    """Write ``config.json`` + ``model.safetensors`` loadable by ``transformers``.
+
+    Tensors are written in the parameter dtype. Tied models store no
+    ``lm_head.weight`` (HF ``tie_word_embeddings``).
+    """
+    if not isinstance(model, Decoder):
+        raise ValueError(
+            f"save_pretrained expects a jaxrl_geom Decoder, got {type(model).__name__}."
+        )
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    hf_config = config.to_hf()
+    hf_config.architectures = [type(hf_config).__name__.replace("Config", "ForCausalLM")]
+    hf_config.save_pretrained(root)
+
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    tensors = {}
+    for name, spec in key_map(set(flat), config.num_hidden_layers).items():
+        array = np.asarray(jax.device_get(flat[spec.path].get_value()))
+        tensors[name] = np.ascontiguousarray(array.T if spec.transpose else array)
+    save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,195 @@
+"""Parameter-holding building blocks: ``Linear``, ``Embedding``, ``RMSNorm``; RoPE; SwiGLU.
+
+``Linear``, ``Embedding`` and ``RMSNorm`` are the only modules that own parameters
+(SALT's Gram taps wrap exactly these), and each ``__call__`` is one short code path.
+Kernels are stored ``[in, out]``. Every parameter carries its *logical* axis names
+as ``out_sharding`` metadata (e.g. ``("embed", "mlp")``); :mod:`jaxrl_geom.sharding`
+maps them to mesh axes in one place. ``eager_sharding=False`` keeps construction
+mesh-free: placement happens when the state is sharded.
+
+Numerics follow Hugging Face: RMSNorm normalises in float32 and casts back before
+the scale; RoPE uses the ``rotate_half`` convention (pairs ``(j, j + hd/2)``) with
+float32 angles cast to the activation dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrl_geom.models.config import ModelConfig, RopeScaling
+
+Axes = tuple[str | None, ...]
+
+
+def _param(value: jax.Array, axes: Axes) -> nnx.Param:
+    """A parameter annotated with logical axis names (placed later, never eagerly)."""
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """``y = x W (+ b)`` with ``W [in, out]``.
+
+    Args:
+      in_features, out_features: kernel shape ``[in, out]``.
+      axes: logical names of the two kernel axes (the bias takes the second).
+      use_bias: add a bias ``[out]``.
+      dtype: compute dtype; ``out_dtype`` the result dtype (default ``dtype``; the LM
+        head asks for float32 so logits never round through bfloat16).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: Axes,
+        use_bias: bool = False,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        out_dtype: jnp.dtype | None = None,
+        kernel_init: nnx.Initializer = nnx.initializers.lecun_normal(),
+        rngs: nnx.Rngs,
+    ):
+        self.kernel = _param(
+            kernel_init(rngs.params(), (in_features, out_features), param_dtype), axes
+        )
+        self.bias = _param(jnp.zeros((out_features,), param_dtype), axes[1:]) if use_bias else None
+        self.dtype = dtype
+        self.out_dtype = dtype if out_dtype is None else out_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(
+            "BTI,IO->BTO",
+            x.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            preferred_element_type=self.out_dtype,
+        )  # [B, T, O]
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.out_dtype)
+        return y
+
+
+class Embedding(nnx.Module):
+    """Token embedding table ``E [V, D]``; ``attend`` is the tied LM head ``h E^T``."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+        self.embedding = _param(
+            init(rngs.params(), (num_embeddings, features), param_dtype), ("vocab", "embed")
+        )
+        self.dtype = dtype
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)  # [B, T, D]
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        """Tied output projection: float32 logits ``[B, T, V]``."""
+        return jnp.einsum(
+            "BTD,VD->BTV",
+            h.astype(self.dtype),
+            self.embedding[...].astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich, arXiv:1910.07467).
+
+    .. math::
+        y = g \\odot \\frac{x}{\\sqrt{\\tfrac{1}{d}\\sum_j x_j^2 + \\epsilon}}
+
+    The normalisation runs in float32 and is cast to the compute dtype before the
+    scale ``g`` multiplies, exactly as HF ``LlamaRMSNorm``.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        eps: float,
+        axes: Axes = (None,),
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+    ):
+        self.scale = _param(jnp.ones((features,), param_dtype), axes)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * (x32 * inv_rms).astype(self.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward (Shazeer, arXiv:2002.05202): ``down(silu(gate x) * up x)``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        kw = dict(dtype=config.compute_dtype, param_dtype=config.params_dtype, rngs=rngs)
+        self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, D]
+
+
+# --------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """Inverse frequencies ``[hd/2]`` (float32, host constant), HF-exact.
+
+    .. math:: \\omega_j = \\theta^{-2j/d}, \\quad j = 0, \\dots, d/2 - 1
+
+    ``linear`` divides by ``factor``; ``llama3`` divides long wavelengths by
+    ``factor`` and interpolates the middle band (Llama 3.1 report, arXiv:2407.21783).
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / np.power(np.float32(theta), exponents)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    factor = np.float32(scaling.factor)
+    if scaling.rope_type == "linear":
+        return (inv_freq / factor).astype(np.float32)
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate ``x [B, T, N, hd]`` by angle ``p_bt * omega_j`` on pairs ``(j, j + hd/2)``.
+
+    .. math::
+        \\mathrm{rope}(x) = x \\cos\\phi + \\mathrm{rotate\\_half}(x) \\sin\\phi,
+        \\quad \\mathrm{rotate\\_half}(x) = [-x_{hd/2:}, x_{:hd/2}]
+
+    (Su et al., RoFormer, arXiv:2104.09864; HF ``apply_rotary_pos_emb``.)
+    """
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, hd/2]
+    cos = jnp.cos(angles).astype(x.dtype)[:, :, None, :]  # [B, T, 1, hd/2]
+    sin = jnp.sin(angles).astype(x.dtype)[:, :, None, :]
+    x1, x2 = jnp.split(x, 2, axis=-1)  # [B, T, N, hd/2] each
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [B, T, N, hd]

@@ -1,0 +1,160 @@
+"""Device mesh, logical-axis rules and the shardings of parameters and batches.
+
+The mesh always has the axes ``("data", "fsdp", "tensor")``. Parameters name their
+axes *logically* (``out_sharding`` metadata set in :mod:`jaxrl_geom.models.layers`);
+:data:`LOGICAL_AXIS_RULES` below is the one place that maps them to mesh axes:
+
+==========  ==========  =====================================================
+logical     mesh axis   used by
+==========  ==========  =====================================================
+embed       fsdp        the hidden dimension D of every kernel and embedding
+heads       tensor      q_proj columns / o_proj rows (H * hd)
+kv          tensor      k_proj, v_proj columns (K * hd)
+mlp         tensor      gate/up columns, down rows (F)
+vocab       tensor      embedding rows, lm_head columns (V)
+==========  ==========  =====================================================
+
+A dimension not divisible by its mesh axis size stays replicated (e.g. ``kv`` with
+one kv head on ``tensor=4``), so any model fits any mesh. Norm scales are
+replicated. Batches shard their leading dimension over ``("data", "fsdp")``: FSDP
+devices hold different examples and gather parameters, as in ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+LOGICAL_AXIS_RULES: dict[str, str | None] = {
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+
+
+def make_mesh(
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """A ``("data", "fsdp", "tensor")`` mesh; one size may be ``-1`` (the rest of the devices).
+
+    The default puts every device on ``fsdp`` (data parallel over the batch with
+    sharded parameters), the best layout for models that do not fit one device and
+    no worse than pure data parallelism for those that do. With explicit sizes whose
+    product is below the device count, the first devices are used.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(
+            f"make_mesh(data={data}, fsdp={fsdp}, tensor={tensor}): sizes must be positive, "
+            "with at most one -1 (= the remaining devices)."
+        )
+    fixed = math.prod(s for s in sizes if s > 0)
+    if -1 in sizes:
+        if len(devices) % fixed:
+            raise ValueError(
+                f"{len(devices)} devices are not divisible by the fixed mesh sizes (product "
+                f"{fixed}); choose sizes that divide the device count."
+            )
+        sizes[sizes.index(-1)] = len(devices) // fixed
+    total = math.prod(sizes)
+    if total > len(devices):
+        raise ValueError(
+            f"Mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices, only {len(devices)} "
+            "are available; lower a size or use -1."
+        )
+    return jax.make_mesh(
+        tuple(sizes),
+        MESH_AXES,
+        axis_types=(AxisType.Auto,) * len(MESH_AXES),
+        devices=devices[:total],
+    )
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh
+) -> PartitionSpec:
+    """Map logical axis names to a ``PartitionSpec`` by :data:`LOGICAL_AXIS_RULES`.
+
+    Dimensions whose size is not divisible by the mesh axis size are replicated.
+    """
+    if not logical_axes:
+        return PartitionSpec()
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"Logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}.")
+    spec = []
+    for name, dim in zip(logical_axes, shape):
+        axis = LOGICAL_AXIS_RULES.get(name) if name is not None else None
+        if axis is not None and (dim % mesh.shape[axis] or mesh.shape[axis] == 1):
+            axis = None
+        spec.append(axis)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh) -> nnx.State:
+    """``NamedSharding`` of every variable, as a State shaped like ``nnx.state(model)``.
+
+    Works on concrete or abstract (``nnx.eval_shape``) models and states. Variables
+    without logical axes (e.g. sown intermediates) are replicated.
+    """
+    state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
+
+    def sharding_of(x: Any) -> Any:
+        if isinstance(x, nnx.Variable):
+            axes = x.get_metadata().get("out_sharding")
+            return x.replace(NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh)))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_params(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """Place every array of ``state`` on ``mesh`` by its logical axes."""
+    return jax.device_put(state, param_shardings(state, mesh))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Place ``model``'s variables on ``mesh`` in place; returns the model."""
+    nnx.update(model, shard_params(nnx.state(model), mesh))
+    return model
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension over ``("data", "fsdp")``, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Place every array of a batch pytree with :func:`batch_sharding` (scalars replicated).
+
+    Raises ``ValueError`` when a leading dimension does not divide over the batch
+    axes: pad the batch to a multiple of ``data * fsdp``.
+    """
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    rows, replicated = batch_sharding(mesh), NamedSharding(mesh, PartitionSpec())
+
+    def place(x: Any) -> Any:
+        if np.ndim(x) == 0:
+            return jax.device_put(x, replicated)
+        if np.shape(x)[0] % shards:
+            raise ValueError(
+                f"Batch dimension {np.shape(x)[0]} is not divisible by data*fsdp = {shards}; "
+                "pad the batch (or choose a batch size that is a multiple of it)."
+            )
+        return jax.device_put(x, rows)
+
+    return jax.tree.map(place, batch)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxrl_geom.salt import (
     choose_backend,
@@ -180,6 +181,11 @@ def test_gram_from_features_scope_and_paths():
     np.testing.assert_allclose(picked, flat(mlp) @ flat(mlp).T, rtol=1e-5)
     paths = [path_to_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(feats)]
     assert paths == ["head", "layers.0.attn.kernel", "layers.0.mlp.kernel"]
+    state = nnx.split(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Param)[1]
+    assert sorted(path_to_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)) == [
+        "bias",
+        "kernel",
+    ]
     with pytest.raises(ValueError, match="selects no parameter"):
         gram_from_features(feats, "lm_head")
     with pytest.raises(ValueError, match="same leading"):

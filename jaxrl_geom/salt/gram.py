@@ -96,8 +96,12 @@ def per_sample_grads(
 def path_to_str(path: tuple) -> str:
     """Join a pytree key path with '.': dict keys, attribute names and indices.
 
-    ``{"layers": [{"mlp": {"kernel": x}}]}`` -> ``"layers.0.mlp.kernel"``.
+    ``{"layers": [{"mlp": {"kernel": x}}]}`` -> ``"layers.0.mlp.kernel"``. A trailing
+    ``.value`` attribute (the array inside a Flax NNX ``Variable``) is dropped, so an
+    ``nnx.State`` gives the same ``"layers.0.mlp.kernel"``.
     """
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     parts = []
     for key in path:
         if isinstance(key, jax.tree_util.DictKey):

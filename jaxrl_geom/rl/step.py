@@ -1,0 +1,333 @@
+"""The GRPO train step: one jitted, pure ``(state, batch) -> (state, metrics)`` update.
+
+Reads top-down: the rollout batch, the loss as the formula, micro-batch accumulation,
+the optax update with the extra arguments SALT and LongAct need.
+
+.. math::
+    \\mathcal{L}(\\theta) = -\\sum_{i,t} w_{it}\\, \\min\\big(r_{it} A_i,
+        \\mathrm{clip}(r_{it}, 1-\\epsilon_{low}, 1+\\epsilon_{high}) A_i\\big)
+        + \\beta \\sum_{i,t} w_{it}\\, \\mathrm{KL}_{k3}(\\pi_\\theta \\| \\pi_{ref})_{it}
+
+with ``w_it`` the loss-type weight (SPEC section 1). The loss is carried as a sum
+over micro-batches divided by a denominator computed once from the whole batch, so
+accumulation and sharding give the update of one big batch.
+
+References: DeepSeekMath (GRPO), arXiv:2402.03300; DAPO, arXiv:2503.14476;
+Dr.GRPO, arXiv:2503.20783; GSPO, arXiv:2507.18071.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from jaxrl_geom.models import taps
+from jaxrl_geom.rl import logprobs as lp
+from jaxrl_geom.rl import losses
+
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+
+
+class RolloutBatch(NamedTuple):
+    """N rollouts = M prompts x G generations; prompt length P, completion length L."""
+
+    tokens: jax.Array  # int32 [N, P+L]  left-padded prompt, then completion
+    positions: jax.Array  # int32 [N, P+L]
+    attention_mask: jax.Array  # bool [N, P+L]  real prompt tokens + completion_mask
+    completion_mask: jax.Array  # bool [N, L]  True up to and including the stop token
+    old_logprobs: jax.Array  # f32 [N, L]  from the sampler (same temperature)
+    ref_logprobs: jax.Array  # f32 [N, L]  frozen reference; zeros when beta == 0
+    advantages: jax.Array  # f32 [N]
+    group_ids: jax.Array  # int32 [N]
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoConfig:
+    """Options of the GRPO-family loss and step (TRL names where TRL has one).
+
+    Attributes:
+      loss_type: normalisation of the token sum (SPEC section 1).
+      eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``; ``eps_high=None``
+        means symmetric; ``eps_high > eps_low`` is DAPO's clip-higher.
+      beta: weight of the k3 KL to the reference policy.
+      importance_sampling_level: ``"token"`` (GRPO) or ``"sequence"`` (GSPO).
+      temperature: the sampler's temperature; logits are divided by it here too,
+        so the trainer's log-probs are those of the sampling distribution.
+      max_completion_length: ``L_max`` of Dr.GRPO; default the completion axis length.
+      num_micro_batches: gradient accumulation; must divide N.
+      capture_activations: collect per-channel q/k statistics in the forward pass
+        and pass them to the optimizer as ``activation_stats=`` (LongAct).
+    """
+
+    loss_type: LossType = "grpo"
+    eps_low: float = 0.2
+    eps_high: float | None = None
+    beta: float = 0.0
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    temperature: float = 1.0
+    max_completion_length: int | None = None
+    num_micro_batches: int = 1
+    capture_activations: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+            raise ValueError(
+                f"Unknown loss_type {self.loss_type!r}; use one of 'grpo', 'bnpo', "
+                "'dr_grpo', 'dapo'."
+            )
+        if not 0.0 <= self.eps_low < 1.0:
+            raise ValueError(f"eps_low must be in [0, 1), got {self.eps_low}.")
+        if self.eps_high is not None and self.eps_high < 0.0:
+            raise ValueError(f"eps_high must be >= 0 (or None for symmetric), got {self.eps_high}.")
+        if self.beta < 0.0:
+            raise ValueError(f"beta (KL weight) must be >= 0, got {self.beta}.")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(
+                "importance_sampling_level must be 'token' (GRPO) or 'sequence' (GSPO), got "
+                f"{self.importance_sampling_level!r}."
+            )
+        if self.temperature <= 0.0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.num_micro_batches < 1:
+            raise ValueError(f"num_micro_batches must be >= 1, got {self.num_micro_batches}.")
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a GRPO step updates. ``graphdef`` and ``tx`` are static."""
+
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    tx: optax.GradientTransformationExtraArgs = struct.field(pytree_node=False)
+    params: nnx.State  # nnx.Param leaves of the policy
+    rest: nnx.State  # any non-parameter model state (carried unchanged)
+    opt_state: optax.OptState
+    step: jax.Array  # int32 []
+
+    @classmethod
+    def create(cls, model: nnx.Module, tx: optax.GradientTransformation) -> TrainState:
+        """Split ``model`` once and initialise the optimizer on its parameters."""
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        if not isinstance(tx, optax.GradientTransformationExtraArgs):
+            tx = optax.with_extra_args_support(tx)
+        return cls(
+            graphdef=graphdef,
+            tx=tx,
+            params=params,
+            rest=rest,
+            opt_state=tx.init(params),
+            step=jnp.zeros((), jnp.int32),
+        )
+
+    def model(self) -> nnx.Module:
+        """The policy as an NNX module (a fresh object sharing these arrays)."""
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def validate_batch(batch: RolloutBatch, config: GrpoConfig) -> None:
+    """Check shapes and consistency of a rollout batch (eagerly, before jit)."""
+    n, s = batch.tokens.shape
+    if n == 0:
+        raise ValueError("Empty rollout batch (N = 0): sample at least one group of rollouts.")
+    l_comp = batch.completion_mask.shape[1]
+    expected = {
+        "positions": (n, s),
+        "attention_mask": (n, s),
+        "completion_mask": (n, l_comp),
+        "old_logprobs": (n, l_comp),
+        "ref_logprobs": (n, l_comp),
+        "advantages": (n,),
+        "group_ids": (n,),
+    }
+    for name, shape in expected.items():
+        got = getattr(batch, name).shape
+        if got != shape:
+            raise ValueError(
+                f"RolloutBatch.{name} has shape {got}, expected {shape} for tokens of shape "
+                f"{(n, s)} and completion length {l_comp}. Build batches with "
+                "jaxrl_geom.rl.rollouts or keep every field aligned on the rollout axis."
+            )
+    if l_comp >= s:
+        raise ValueError(
+            f"Completion length {l_comp} must be shorter than the sequence length {s}: "
+            "tokens must hold at least one prompt token before the completion."
+        )
+    if n % config.num_micro_batches:
+        raise ValueError(
+            f"num_micro_batches={config.num_micro_batches} must divide the number of "
+            f"rollouts N={n}."
+        )
+
+
+def completion_logits(model: nnx.Module, batch: RolloutBatch) -> jax.Array:  # [N, L, V]
+    """Logits that predict the completion tokens (positions P-1 .. P+L-2)."""
+    l_comp = batch.completion_mask.shape[1]
+    logits, _ = model(
+        batch.tokens[:, :-1], batch.positions[:, :-1], batch.attention_mask[:, :-1]
+    )  # [N, P+L-1, V]
+    return logits[:, -l_comp:]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature"))
+def policy_logprobs(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    rest: nnx.State,
+    batch: RolloutBatch,
+    temperature: float = 1.0,
+) -> jax.Array:  # f32 [N, L]
+    """Teacher-forced log-probs of the completion tokens, e.g. under the frozen
+    reference policy for the KL term (same temperature scaling as the sampler)."""
+    model = nnx.merge(graphdef, params, rest)
+    targets = batch.tokens[:, -batch.completion_mask.shape[1] :]
+    return lp.token_logprobs(completion_logits(model, batch), targets, temperature)
+
+
+def _loss(
+    params: nnx.State,
+    rest: nnx.State,
+    batch: RolloutBatch,
+    *,
+    graphdef: nnx.GraphDef,
+    config: GrpoConfig,
+    num_sequences: jax.Array,
+    num_tokens: jax.Array,
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
+    """Micro-batch share of the loss: numerator / (global denominator)."""
+    model = nnx.merge(graphdef, params, rest)
+    if config.capture_activations:
+        taps.set_qk_capture(model, True)
+    logits = completion_logits(model, batch)  # [n, L, V]
+    targets = batch.tokens[:, -batch.completion_mask.shape[1] :]  # [n, L]
+    logp = lp.token_logprobs(logits, targets, config.temperature)  # [n, L]
+    terms = losses.policy_loss(
+        logp,
+        batch.old_logprobs,
+        batch.advantages,
+        batch.completion_mask,
+        loss_type=config.loss_type,
+        eps_low=config.eps_low,
+        eps_high=config.eps_high,
+        beta=config.beta,
+        ref_logprobs=batch.ref_logprobs if config.beta > 0 else None,
+        importance_sampling_level=config.importance_sampling_level,
+        max_completion_length=config.max_completion_length,
+        num_sequences=num_sequences,
+        num_tokens=num_tokens,
+    )
+    mask = batch.completion_mask.astype(jnp.float32)
+    entropy = lp.token_entropy(jax.lax.stop_gradient(logits), config.temperature)
+    metrics = dict(terms.metrics)
+    metrics["entropy_sum"] = jnp.sum(entropy * mask)
+    stats = None
+    if config.capture_activations:
+        stats = taps.collect_qk_stats(nnx.state(model, nnx.Intermediate))
+    return terms.numerator / terms.denominator, (metrics, stats)
+
+
+def _split_micro_batches(batch: RolloutBatch, m: int) -> RolloutBatch:
+    """[N, ...] -> [m, N/m, ...], micro-batch k = rows k, k+m, ... (keeps the batch
+    sharding: every micro-batch is spread over all data-parallel devices)."""
+
+    def split(x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0] // m, m, *x.shape[1:])  # [N/m, m, ...]
+        return jnp.swapaxes(x, 0, 1)  # [m, N/m, ...]
+
+    return jax.tree.map(split, batch)
+
+
+def _merge_metrics(per_micro: dict[str, jax.Array], weights: jax.Array) -> dict[str, jax.Array]:
+    """Combine stacked micro-batch metrics: token-weighted means, min of mins, max of maxes."""
+    out = {}
+    w = weights / jnp.maximum(jnp.sum(weights), 1.0)
+    for k, v in per_micro.items():
+        if k.endswith("_sum"):
+            out[k] = jnp.sum(v)
+        elif k.endswith("min"):
+            out[k] = jnp.min(v)
+        elif k.endswith("max"):
+            out[k] = jnp.max(v)
+        else:
+            out[k] = jnp.sum(v * w)
+    return out
+
+
+def _sum_stats_over_micro_batches(stack: taps.ChannelStats) -> taps.ChannelStats:
+    """Combine per-micro-batch channel statistics stacked on axis 0."""
+    return taps.ChannelStats(
+        sum_abs=jnp.sum(stack.sum_abs, 0),
+        sum_sq=jnp.sum(stack.sum_sq, 0),
+        max_abs=jnp.max(stack.max_abs, 0),
+        count=jnp.sum(stack.count, 0),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnums=(0,))
+def grpo_step(
+    state: TrainState, batch: RolloutBatch, config: GrpoConfig = GrpoConfig()
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update on a rollout batch.
+
+    The optimizer receives the extra arguments ``coefficients=`` (the advantages),
+    ``group_ids=`` and, with ``config.capture_activations``, ``activation_stats=``
+    (per-layer q/k channel statistics), so SALT and LongAct chain in as ordinary
+    optax transforms.
+
+    Args:
+      state: the :class:`TrainState` (donated: do not reuse it after the call).
+      batch: a :class:`RolloutBatch` of N rollouts.
+      config: static :class:`GrpoConfig`.
+
+    Returns:
+      ``(new_state, metrics)`` with loss, grad/update norms and the loss metrics.
+    """
+    n = batch.tokens.shape[0]
+    completion_mask = batch.completion_mask
+    num_sequences = jnp.asarray(n, jnp.float32)
+    num_tokens = jnp.sum(completion_mask.astype(jnp.float32))
+    loss_fn = functools.partial(
+        _loss,
+        graphdef=state.graphdef,
+        config=config,
+        num_sequences=num_sequences,
+        num_tokens=num_tokens,
+    )
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    m = config.num_micro_batches
+    if m == 1:
+        (loss, (metrics, stats)), grads = grad_fn(state.params, state.rest, batch)
+    else:
+        micro = _split_micro_batches(batch, m)
+
+        def accumulate(carry, mb):
+            (loss_mb, aux), g_mb = grad_fn(state.params, state.rest, mb)
+            loss_acc, g_acc = carry
+            return (loss_acc + loss_mb, jax.tree.map(jnp.add, g_acc, g_mb)), aux
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss, grads), (metrics_stack, stats_stack) = jax.lax.scan(
+            accumulate, (jnp.zeros((), jnp.float32), zeros), micro
+        )
+        tokens_per_micro = jnp.sum(micro.completion_mask, axis=(1, 2)).astype(jnp.float32)
+        metrics = _merge_metrics(metrics_stack, tokens_per_micro)
+        stats = None
+        if stats_stack is not None:
+            stats = {k: _sum_stats_over_micro_batches(v) for k, v in stats_stack.items()}
+
+    extra: dict[str, Any] = {"coefficients": batch.advantages, "group_ids": batch.group_ids}
+    if stats is not None:
+        extra["activation_stats"] = stats
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra)
+    params = optax.apply_updates(state.params, updates)
+
+    metrics = dict(metrics)
+    metrics["entropy"] = metrics.pop("entropy_sum") / jnp.maximum(num_tokens, 1.0)
+    metrics["loss"] = loss
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["update_norm"] = optax.global_norm(updates)
+    new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+    return new_state, metrics

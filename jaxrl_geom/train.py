@@ -1,0 +1,421 @@
+"""The main job: supervised warm-up, then GRPO (optionally with SALT and LongAct).
+
+One round of GRPO, host side then device side::
+
+    prompts --tokenize--> [M, P] --repeat G--> [N, P] --generate--> tokens, logps
+      --decode + task.reward--> R [N] --advantages--> A [N] --grpo_step x mu--> params
+
+Everything that touches arrays on the device is jitted (sampler, step); rewards are
+computed on decoded text on the host, as verifiable rewards are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxrl_geom import metrics as metrics_lib
+from jaxrl_geom import sharding
+from jaxrl_geom.checkpoints import Checkpointer
+from jaxrl_geom.config import TrainConfig, to_dict
+from jaxrl_geom.models import Decoder, ModelConfig, load_pretrained
+from jaxrl_geom.rl import advantages as adv_lib
+from jaxrl_geom.rl import dapo
+from jaxrl_geom.rl.rollouts import make_rollout_batch, repeat_prompts
+from jaxrl_geom.rl.step import TrainState, grpo_step, policy_logprobs
+from jaxrl_geom.sampling import Greedy, Sample, generate
+from jaxrl_geom.tasks import get_task
+from jaxrl_geom.tokenizers import CharTokenizer, load_tokenizer
+from jaxrl_geom.warmup import demonstration_batch, sft_step
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+    """Next power of two >= n (prompt-length bucket: one compile per bucket)."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built once from a :class:`TrainConfig`."""
+
+    cfg: TrainConfig
+    tokenizer: Any
+    task: Any
+    mesh: jax.sharding.Mesh
+    model_config: ModelConfig
+    eval_examples: list
+    eval_prompts: set[str]
+
+
+def build_policy(cfg: TrainConfig, tokenizer: Any, mesh: jax.sharding.Mesh) -> nnx.Module:
+    """A fresh tiny model (from scratch) or an HF checkpoint, placed on ``mesh``."""
+    if cfg.model.path:
+        return load_pretrained(cfg.model.path, mesh=mesh, dtype=cfg.model.dtype)
+    mc = ModelConfig.tiny(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=cfg.model.hidden_size,
+        num_hidden_layers=cfg.model.num_layers,
+        dtype=cfg.model.dtype,
+    )
+    model = Decoder(mc, rngs=nnx.Rngs(cfg.seed))
+    return sharding.shard_model(model, mesh)
+
+
+def build_optimizer(cfg: TrainConfig, model_config: ModelConfig) -> optax.GradientTransformation:
+    """``chain(clip, adamw[, longact])``: LongAct is the last link (SPEC section 3)."""
+    o = cfg.optim
+    links = [
+        optax.clip_by_global_norm(o.max_grad_norm),
+        optax.adamw(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
+    ]
+    if cfg.longact.enabled:
+        from jaxrl_geom.longact import longact
+
+        la = cfg.longact
+        links.append(
+            longact.from_config(
+                model_config,
+                keep_ratio=la.keep_ratio,
+                statistic=la.statistic,
+                scope=la.scope,
+                granularity=la.granularity,
+                refresh=la.refresh,
+            )
+        )
+    return optax.chain(*links)
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad prompts to a power-of-two bucket; mask from lengths."""
+    longest = max(len(tokenizer.encode(p)) for p in prompts)
+    return tokenizer.batch_encode(prompts, pad_to=_bucket(longest), left_pad=True)
+
+
+def decode_completions(tokenizer: Any, completion: np.ndarray, lengths: np.ndarray) -> list[str]:
+    """Decode each completion up to its length (the stop token is dropped by decode)."""
+    return [
+        tokenizer.decode(row[: int(n)].tolist()) for row, n in zip(completion, lengths, strict=True)
+    ]
+
+
+def evaluate(state_or_model: Any, run: Run, examples: list | None = None) -> dict[str, float]:
+    """Greedy decoding on held-out prompts; mean task reward and accuracy."""
+    model = state_or_model.model() if isinstance(state_or_model, TrainState) else state_or_model
+    examples = run.eval_examples if examples is None else examples
+    tok, mask = encode_prompts(run.tokenizer, [e.prompt for e in examples])
+    out = generate(
+        model,
+        tok,
+        mask,
+        jax.random.key(0),
+        max_new_tokens=run.cfg.sampling.max_new_tokens,
+        method=Greedy(),
+        stop_tokens=(run.tokenizer.eos_id,),
+        pad_id=run.tokenizer.pad_id,
+        mesh=run.mesh,
+    )
+    texts = decode_completions(run.tokenizer, np.asarray(out.completion), np.asarray(out.lengths))
+    rewards = np.array([run.task.reward(t, e) for t, e in zip(texts, examples, strict=True)])
+    return {
+        "eval/reward_mean": float(rewards.mean()),
+        "eval/accuracy": float((rewards >= 1).mean()),
+    }
+
+
+def _sample_examples(run: Run, rng: np.random.Generator, n: int) -> list:
+    """Training prompts, never one of the held-out evaluation prompts."""
+    out: list = []
+    while len(out) < n:
+        out.extend(e for e in run.task.sample_prompts(rng, n) if e.prompt not in run.eval_prompts)
+    return out[:n]
+
+
+def warmup(state: TrainState, run: Run, rng: np.random.Generator, pbar: Any) -> TrainState:
+    """Supervised warm-up steps on task demonstrations."""
+    w = run.cfg.warmup
+    tok = run.tokenizer
+    for _ in range(w.steps):
+        examples = _sample_examples(run, rng, w.batch_size)
+        ptok, pmask = encode_prompts(tok, [e.prompt for e in examples])
+        comps = [
+            tok.encode(run.task.demonstration(e), add_bos=False) + [tok.eos_id] for e in examples
+        ]
+        batch = demonstration_batch(ptok, pmask, comps, run.cfg.sampling.max_new_tokens, tok.pad_id)
+        batch = sharding.shard_batch(batch, run.mesh)
+        state, m = sft_step(state, batch)
+        pbar.update(1)
+        pbar.set_postfix(sft_loss=f"{float(m['sft/loss']):.3f}")
+    return state
+
+
+def collect_rollouts(
+    state: TrainState, run: Run, rng: np.random.Generator, key: jax.Array
+) -> tuple[Any, dict[str, float]]:
+    """Sample M x G rollouts, score them, and build the rollout batch.
+
+    With DAPO dynamic sampling, groups whose rewards are all equal are dropped and
+    more prompts are sampled, up to ``max_sampling_tries`` rounds; if the batch is
+    still not full, dropped groups fill it (their advantages are 0) and the metrics
+    say how full it was.
+    """
+    cfg = run.cfg
+    m_target, g = cfg.prompts_per_step, cfg.num_generations
+    model = state.model()
+    tok = run.tokenizer
+    method = Sample(
+        temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p
+    )
+    kept: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
+    tries = 0
+    while True:
+        tries += 1
+        examples = _sample_examples(run, rng, m_target)
+        ptok, pmask = encode_prompts(tok, [e.prompt for e in examples])
+        rtok, rmask, _ = repeat_prompts(ptok, pmask, g)
+        key, sub = jax.random.split(key)
+        out = generate(
+            model,
+            rtok,
+            rmask,
+            sub,
+            max_new_tokens=cfg.sampling.max_new_tokens,
+            method=method,
+            stop_tokens=(tok.eos_id,),
+            pad_id=tok.pad_id,
+            mesh=run.mesh,
+        )
+        out = jax.device_get(out)
+        texts = decode_completions(tok, out.completion, out.lengths)
+        rewards = np.array(
+            [run.task.reward(t, examples[i // g]) for i, t in enumerate(texts)], np.float32
+        )
+        for j in range(m_target):
+            rows = slice(j * g, (j + 1) * g)
+            group = {
+                "tokens": out.tokens[rows],
+                "prompt_mask": rmask[rows],
+                "completion_mask": out.completion_mask[rows],
+                "logprobs": out.logprobs[rows],
+                "lengths": out.lengths[rows],
+                "truncated": out.truncated[rows],
+                "rewards": rewards[rows],
+            }
+            if cfg.dynamic_sampling and np.all(group["rewards"] == group["rewards"][0]):
+                dropped.append(group)
+            else:
+                kept.append(group)
+        if not cfg.dynamic_sampling or len(kept) >= m_target or tries >= cfg.max_sampling_tries:
+            break
+    filled = min(len(kept), m_target) / m_target
+    groups = (kept + dropped)[:m_target]
+
+    batch_np = _stack_groups(groups, tok.pad_id)
+    raw_rewards = batch_np["rewards"].astype(np.float32)
+    rewards = raw_rewards
+    if cfg.overlong_buffer > 0:
+        rewards = rewards + np.asarray(
+            dapo.soft_overlong_punishment(
+                jnp.asarray(batch_np["lengths"]),
+                cfg.sampling.max_new_tokens,
+                cfg.overlong_buffer,
+                cfg.overlong_penalty,
+            )
+        )
+    group_ids = np.repeat(np.arange(m_target, dtype=np.int32), g)
+    advantages = adv_lib.group_advantages(
+        jnp.asarray(rewards), jnp.asarray(group_ids), scale=cfg.scale_rewards, num_groups=m_target
+    )
+    batch = make_rollout_batch(
+        tokens=batch_np["tokens"],
+        prompt_mask=batch_np["prompt_mask"],
+        completion_mask=batch_np["completion_mask"],
+        old_logprobs=batch_np["logprobs"],
+        advantages=advantages,
+        group_ids=group_ids,
+    )
+    grouped = raw_rewards.reshape(m_target, g)
+    info = {
+        "reward/mean": float(raw_rewards.mean()),
+        "reward/std": float(raw_rewards.std()),
+        "reward/zero_std_group_fraction": float(np.mean(grouped.max(1) == grouped.min(1))),
+        "completion/length_mean": float(batch_np["lengths"].mean()),
+        "completion/truncated_fraction": float(batch_np["truncated"].mean()),
+        "dynamic_sampling/tries": float(tries),
+        "dynamic_sampling/filled_fraction": float(filled),
+        "dynamic_sampling/gave_up": float(cfg.dynamic_sampling and filled < 1.0),
+    }
+    return batch, info
+
+
+def _left_pad(a: np.ndarray, width: int, value: int = 0) -> np.ndarray:
+    pad = width - a.shape[1]
+    return np.pad(a, ((0, 0), (pad, 0)), constant_values=value) if pad else a
+
+
+def _stack_groups(groups: list[dict[str, Any]], pad_id: int) -> dict[str, np.ndarray]:
+    """Stack groups into one batch. Groups from different sampling tries may have
+    different prompt buckets: left-pad the shorter prompts so every row is [P_max | L]."""
+    p_max = max(grp["prompt_mask"].shape[1] for grp in groups)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in groups[0]}
+    for grp in groups:
+        p = grp["prompt_mask"].shape[1]
+        prompt = _left_pad(grp["tokens"][:, :p], p_max, pad_id)
+        out["tokens"].append(np.concatenate([prompt, grp["tokens"][:, p:]], axis=1))
+        out["prompt_mask"].append(_left_pad(grp["prompt_mask"], p_max, 0).astype(bool))
+        for k in grp:
+            if k not in ("tokens", "prompt_mask"):
+                out[k].append(grp[k])
+    return {k: np.concatenate(v, axis=0) for k, v in out.items()}
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run the whole job and return the final metrics (see module docstring)."""
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    tokenizer = load_tokenizer(cfg.model.path) if cfg.model.path else CharTokenizer()
+    task = get_task(cfg.task.name, **cfg.task.kwargs)
+    mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
+    policy = build_policy(cfg, tokenizer, mesh)
+    eval_examples = task.sample_prompts(
+        np.random.default_rng(cfg.seed + 1_000_003), cfg.eval_prompts
+    )
+    run = Run(
+        cfg=cfg,
+        tokenizer=tokenizer,
+        task=task,
+        mesh=mesh,
+        model_config=policy.config,
+        eval_examples=eval_examples,
+        eval_prompts={e.prompt for e in eval_examples},
+    )
+    rng = np.random.default_rng(cfg.seed)
+    key = jax.random.key(cfg.seed)
+    grpo_cfg = dataclasses.replace(cfg.grpo, temperature=cfg.sampling.temperature)
+    if cfg.longact.enabled:
+        grpo_cfg = dataclasses.replace(grpo_cfg, capture_activations=True)
+    salt_cfg = _salt_config(cfg)
+    salt_kwargs = {} if salt_cfg is None else {"salt": salt_cfg}
+
+    ckpt = Checkpointer(out_dir / "checkpoints")
+    writer = metrics_lib.MetricsWriter(out_dir)
+    phase, grpo_round = "warmup", 0
+    sft_state = TrainState.create(policy, optax.adamw(cfg.warmup.learning_rate, b1=0.9, b2=0.99))
+    state = None
+    if resume and ckpt.latest_step() is not None:
+        meta_probe = json.loads((out_dir / "progress.json").read_text())
+        phase = meta_probe["phase"]
+        if phase == "grpo":
+            state = TrainState.create(sft_state.model(), build_optimizer(cfg, run.model_config))
+            restored, meta = ckpt.restore(_ckpt_arrays(state, key))
+            state = state.replace(
+                params=restored["params"], opt_state=restored["opt_state"], step=restored["step"]
+            )
+            key = restored["key"]
+            grpo_round = meta["grpo_round"]
+            rng.bit_generator.state = meta["rng_state"]
+
+    total = (cfg.warmup.steps if phase == "warmup" else 0) + cfg.steps - grpo_round
+    pbar = tqdm(total=total, disable=not progress, desc="train", dynamic_ncols=True)
+    history: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    if phase == "warmup":
+        start = evaluate(sft_state, run)
+        history["eval_start"] = start
+        writer.write(0, {"eval/reward_mean": start["eval/reward_mean"], "phase/warmup": 1.0})
+        sft_state = warmup(sft_state, run, rng, pbar)
+        state = TrainState.create(sft_state.model(), build_optimizer(cfg, run.model_config))
+        phase = "grpo"
+    # The frozen reference of the KL term is the policy GRPO starts from.
+    reference = (state.graphdef, jax.tree.map(jnp.copy, state.params), state.rest)
+    after_warmup = evaluate(state, run)
+    history["eval_after_warmup"] = after_warmup
+    writer.write(grpo_round, {**after_warmup})
+    for grpo_round in range(grpo_round + 1, cfg.steps + 1):
+        key, sub = jax.random.split(key)
+        batch, info = collect_rollouts(state, run, rng, sub)
+        if grpo_cfg.beta > 0:
+            batch = batch._replace(
+                ref_logprobs=policy_logprobs(*reference, batch, grpo_cfg.temperature)
+            )
+        batch = sharding.shard_batch(batch, mesh)
+        for _ in range(cfg.num_iterations):
+            state, step_metrics = grpo_step(state, batch, grpo_cfg, **salt_kwargs)
+        row = {**info, **jax.device_get(step_metrics)}
+        if grpo_round % cfg.eval_every == 0 or grpo_round == cfg.steps:
+            row.update(evaluate(state, run))
+        scalars = writer.write(grpo_round, row)
+        pbar.update(1)
+        pbar.set_postfix(reward=f"{scalars['reward/mean']:.2f}", loss=f"{scalars['loss']:.3f}")
+        if grpo_round % cfg.checkpoint_every == 0 or grpo_round == cfg.steps:
+            ckpt.save(
+                grpo_round,
+                _ckpt_arrays(state, key),
+                {"grpo_round": grpo_round, "rng_state": rng.bit_generator.state},
+            )
+            (out_dir / "progress.json").write_text(json.dumps({"phase": phase}))
+    pbar.close()
+    final = evaluate(state, run)
+    history["eval_final"] = final
+    history["wall_seconds"] = time.perf_counter() - t0
+    writer.close()
+    ckpt.close()
+    records = metrics_lib.read_jsonl(out_dir / "metrics.jsonl")
+    metrics_lib.plot_reward_curve(records, out_dir / "reward_curve.png", title=cfg.task.name)
+    (out_dir / "summary.json").write_text(json.dumps(history, indent=2))
+    return {"state": state, **history}
+
+
+def _ckpt_arrays(state: TrainState, key: jax.Array) -> dict[str, Any]:
+    return {
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "step": state.step,
+        "key": key,
+    }
+
+
+def _salt_config(cfg: TrainConfig) -> Any:
+    if not cfg.salt.enabled:
+        return None
+    from jaxrl_geom.salt import SaltConfig
+
+    s = cfg.salt
+    return SaltConfig(
+        gamma_max=s.gamma_max,
+        power=s.power,
+        energy=s.energy,
+        max_rank=s.max_rank,
+        renorm=s.renorm,
+        backend=s.backend,
+    )
+
+
+def load_policy(run_dir: str | Path) -> tuple[nnx.Module, TrainConfig]:
+    """Rebuild the policy of a finished or interrupted run from its latest checkpoint."""
+    from jaxrl_geom.config import from_dict
+
+    run_dir = Path(run_dir)
+    cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
+    tokenizer = load_tokenizer(cfg.model.path) if cfg.model.path else CharTokenizer()
+    mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
+    policy = build_policy(cfg, tokenizer, mesh)
+    state = TrainState.create(policy, build_optimizer(cfg, policy.config))
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    restored, _ = ckpt.restore(_ckpt_arrays(state, jax.random.key(0)))
+    ckpt.close()
+    return state.replace(params=restored["params"]).model(), cfg

@@ -114,7 +114,7 @@ class TrainState(struct.PyTreeNode):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         if not isinstance(tx, optax.GradientTransformationExtraArgs):
             tx = optax.with_extra_args_support(tx)
-        return cls(
+        state = cls(
             graphdef=graphdef,
             tx=tx,
             params=params,
@@ -122,6 +122,10 @@ class TrainState(struct.PyTreeNode):
             opt_state=tx.init(params),
             step=jnp.zeros((), jnp.int32),
         )
+        # One jitted copy puts every leaf on the canonical sharding a jitted step
+        # returns (e.g. P() rather than P(None,), the step counter on the mesh), so
+        # the second step does not recompile.
+        return jax.jit(lambda s: jax.tree.map(jnp.copy, s))(state)
 
     def model(self) -> nnx.Module:
         """The policy as an NNX module (a fresh object sharing these arrays)."""

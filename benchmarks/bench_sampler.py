@@ -11,7 +11,8 @@ same settings:
 * torch under ``torch.inference_mode()`` with 2 threads; JAX with its default CPU
   thread pool (2 cores here);
 * 2 warm-up calls (the first JAX one compiles), then the median (and IQR) of
-  ``--runs`` timed calls each (jax ``docs/benchmarking.md``).
+  ``--runs`` timed calls each, alternating between the two so that load drifts on
+  a shared machine hit both alike (jax ``docs/benchmarking.md``).
 
 Run::
 
@@ -53,14 +54,18 @@ CONFIG = dict(
 )
 
 
-def timed(fn, warmup: int, runs: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
+def timed_interleaved(fns: dict, warmup: int, runs: int) -> dict[str, list[float]]:
+    """Warm each function up, then time them in alternation so that drifts in machine
+    load hit all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -150,8 +155,9 @@ def main() -> None:
         agree = np.mean(hf_out[:, args.prompt_len :] == ours_out.completion)
         print(f"greedy tokens agreeing with transformers: {agree:.1%}")
 
-    ours = summary("jaxrl_geom", timed(run_ours, 2, args.runs), n_tokens)
-    theirs = summary("transformers", timed(run_hf, 2, args.runs), n_tokens)
+    times = timed_interleaved({"ours": run_ours, "hf": run_hf}, 2, args.runs)
+    ours = summary("jaxrl_geom", times["ours"], n_tokens)
+    theirs = summary("transformers", times["hf"], n_tokens)
     print(f"ratio ours / transformers: {ours / theirs:.2f}x")
     print(f"decode step (ours): {args.batch / ours * 1e3:.2f} ms for {args.batch} rows")
 

@@ -328,8 +328,8 @@ def test_eight_devices_match_one(checkpoint, prompts):
     one = generate(model, tokens, mask, key, max_new_tokens=MAX_NEW, method=method)
     eight = generate(sharded, tokens, mask, key, max_new_tokens=MAX_NEW, method=method, mesh=mesh)
     np.testing.assert_array_equal(eight.tokens, one.tokens)
-    # Per-device GEMMs see 1 row instead of 4: equal up to fp32 rounding.
-    np.testing.assert_allclose(eight.logprobs, one.logprobs, atol=1e-5)
+    # Sharded GEMMs sum in another order: equal up to fp32 rounding (logits are O(10)).
+    np.testing.assert_allclose(eight.logprobs, one.logprobs, rtol=2e-5, atol=2e-5)
 
 
 def test_generate_rejects_bad_input(checkpoint, prompts):

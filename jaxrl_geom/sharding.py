@@ -74,8 +74,8 @@ def make_mesh(
     total = math.prod(sizes)
     if total > len(devices):
         raise ValueError(
-            f"Mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices, only {len(devices)} "
-            "are available; lower a size or use -1."
+            f"Mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {total} devices, only "
+            f"{len(devices)} are available; lower a size or use -1."
         )
     return jax.make_mesh(
         tuple(sizes),
@@ -97,7 +97,7 @@ def logical_to_spec(
     if len(logical_axes) != len(shape):
         raise ValueError(f"Logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}.")
     spec = []
-    for name, dim in zip(logical_axes, shape):
+    for name, dim in zip(logical_axes, shape, strict=True):
         axis = LOGICAL_AXIS_RULES.get(name) if name is not None else None
         if axis is not None and (dim % mesh.shape[axis] or mesh.shape[axis] == 1):
             axis = None

@@ -84,7 +84,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
-                f"Unsupported model_type {self.model_type!r}; supported model types are "
+                f"Unsupported model_type {self.model_type!r}; supported model types: "
                 f"{SUPPORTED_MODEL_TYPES}."
             )
         for name in (
@@ -196,8 +196,8 @@ class ModelConfig:
         model_type = get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
-                f"Unsupported model_type {model_type!r}; jaxrl_geom supports "
-                f"{SUPPORTED_MODEL_TYPES} (llama / qwen2 / qwen3 decoders)."
+                f"Unsupported model_type {model_type!r}; supported model types: "
+                f"{SUPPORTED_MODEL_TYPES} (decoder LMs with RoPE, GQA and SwiGLU)."
             )
         if get("hidden_act", "silu") != "silu":
             raise ValueError(

@@ -52,9 +52,10 @@ class Linear(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         out_dtype: jnp.dtype | None = None,
-        kernel_init: nnx.Initializer = nnx.initializers.lecun_normal(),
+        kernel_init: nnx.Initializer | None = None,
         rngs: nnx.Rngs,
     ):
+        kernel_init = nnx.initializers.lecun_normal() if kernel_init is None else kernel_init
         self.kernel = _param(
             kernel_init(rngs.params(), (in_features, out_features), param_dtype), axes
         )

@@ -1,0 +1,114 @@
+"""Per-token log-probabilities and entropies of the (temperature-scaled) policy.
+
+The trainer scores completions under the same distribution the sampler drew them
+from: logits divided by the sampling temperature, before any top-k / top-p
+truncation (the TRL convention, see DESIGN.md "Sampler").
+
+Alignment (DESIGN.md ``RolloutBatch``): with a row laid out as
+``[left-padded prompt (P) | completion (L)]``, the logits at positions
+``P-1 .. P+L-2`` predict the completion tokens at ``P .. P+L-1``; see
+:func:`completion_logits_slice`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_temperature(temperature: float) -> None:
+    if not isinstance(temperature, jax.core.Tracer) and not temperature > 0:
+        raise ValueError(
+            f"temperature must be > 0, got {temperature}; use the sampler's temperature "
+            "(1.0 for greedy or plain sampling)."
+        )
+
+
+def _scaled_logits(logits: jax.Array, temperature: float) -> jax.Array:
+    _check_temperature(temperature)
+    return jnp.asarray(logits).astype(jnp.float32) / temperature
+
+
+def token_logprobs(
+    logits: jax.Array,  # [N, T, V] any float dtype
+    targets: jax.Array,  # int32 [N, T]
+    temperature: float = 1.0,
+) -> jax.Array:  # f32 [N, T]
+    """Log-probability of each target token under ``softmax(logits / temperature)``.
+
+    .. math::
+        \\log \\pi(y_t) = z_{t, y_t} - \\log \\sum_v e^{z_{tv}},
+        \\qquad z = \\mathrm{logits} / \\tau
+
+    Computed as the gathered logit minus ``logsumexp`` in float32, so no ``[N, T, V]``
+    log-softmax array is kept for the backward pass beyond the logits themselves.
+
+    Args:
+      logits: ``[..., V]`` logits (cast to float32).
+      targets: ``[...]`` integer token ids, same leading shape as ``logits``.
+      temperature: sampling temperature ``tau > 0``.
+
+    Returns:
+      float32 log-probabilities with the shape of ``targets``.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"logits {logits.shape} and targets {targets.shape} disagree: logits must be "
+            "[..., V] over the same positions as targets (see completion_logits_slice)."
+        )
+    z = _scaled_logits(logits, temperature)  # [N, T, V]
+    picked = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(z, axis=-1)  # [N, T]
+
+
+def token_entropy(
+    logits: jax.Array,  # [N, T, V]
+    temperature: float = 1.0,
+) -> jax.Array:  # f32 [N, T]
+    """Entropy of the temperature-scaled next-token distribution at every position.
+
+    .. math::
+        H_t = -\\sum_v p_{tv} \\log p_{tv} = \\log \\sum_v e^{z_{tv}} - \\sum_v p_{tv} z_{tv}
+
+    The caller masks it (only completion tokens count) and usually wraps the logits
+    in ``jax.lax.stop_gradient`` when it is a metric.
+    """
+    z = _scaled_logits(logits, temperature)  # [N, T, V]
+    lse = jax.nn.logsumexp(z, axis=-1)  # [N, T]
+    p = jax.nn.softmax(z, axis=-1)  # [N, T, V]
+    return lse - jnp.sum(p * z, axis=-1)
+
+
+def completion_logits_slice(
+    logits: jax.Array,  # [N, S, V]
+    prompt_length: int,
+    completion_length: int,
+) -> jax.Array:  # [N, L, V]
+    """Logits that predict the completion tokens.
+
+    For rows ``[prompt (P) | completion (L)]`` the model's output at position ``t``
+    predicts token ``t + 1``, so the completion tokens ``P .. P+L-1`` are predicted by
+    the logits at ``P-1 .. P+L-2``. This returns ``logits[:, P-1 : P+L-1]``; it works
+    for a forward pass over all ``P+L`` tokens and over ``tokens[:, :-1]`` alike (the
+    last position is never needed).
+
+    Args:
+      logits: ``[N, S, V]`` with ``S >= P + L - 1``.
+      prompt_length: ``P >= 1`` (the prompt buffer width, left padding included).
+      completion_length: ``L``.
+
+    Returns:
+      ``[N, L, V]`` logits aligned with ``tokens[:, P:P+L]``.
+    """
+    p, l_comp = int(prompt_length), int(completion_length)
+    if p < 1:
+        raise ValueError(
+            f"prompt_length={p}: at least one prompt token is needed to predict the first "
+            "completion token; left-pad prompts to width >= 1."
+        )
+    if logits.ndim != 3 or logits.shape[1] < p + l_comp - 1:
+        raise ValueError(
+            f"logits {logits.shape} must be [N, S, V] with S >= P + L - 1 = {p + l_comp - 1}; "
+            "run the model over tokens[:, :P+L-1] at least."
+        )
+    return jax.lax.slice_in_dim(logits, p - 1, p + l_comp - 1, axis=1)

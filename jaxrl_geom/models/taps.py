@@ -88,9 +88,16 @@ def set_qk_capture(model: Any, on: bool) -> None:
 def collect_qk_stats(model_or_intermediates: Any) -> dict[str, ChannelStats]:
     """Stack the sown q/k statistics over layers: ``{"q": ChannelStats [L, Cq], "k": ...}``.
 
-    Accepts the model itself or ``nnx.state(model, nnx.Intermediate)`` (or the state
-    returned by ``nnx.capture``). A layer called several times since the last reset
-    contributes the :func:`combine_stats` of its calls. Layers are ordered by index.
+    Accepts the intermediates returned by ``nnx.capture`` (preferred; flax 0.12
+    deprecates sowing outside it), or the model / ``nnx.state(model, nnx.Intermediate)``
+    after a plain call. A layer called several times contributes the
+    :func:`combine_stats` of its calls. Layers are ordered by index.
+
+    Example::
+
+        set_qk_capture(model, True)
+        (logits, _), inter = nnx.capture(model, nnx.Intermediate)(tokens, positions, mask)
+        stats = collect_qk_stats(inter)  # {"q": ChannelStats([L, H*hd]...), "k": ...}
     """
     state = model_or_intermediates
     if isinstance(state, nnx.Module):

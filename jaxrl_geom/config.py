@@ -144,6 +144,31 @@ class TrainConfig:
     eval_prompts: int = 128
     checkpoint_every: int = 20
 
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations={self.num_generations}: group-relative advantages need at "
+                "least 2 rollouts per prompt (the group std is undefined for 1)."
+            )
+        for name in ("steps", "prompts_per_step", "num_iterations", "eval_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("eval_every", "checkpoint_every", "max_sampling_tries"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.overlong_buffer < 0 or self.overlong_buffer >= self.sampling.max_new_tokens:
+            if self.overlong_buffer != 0:
+                raise ValueError(
+                    f"overlong_buffer={self.overlong_buffer} must be in [0, max_new_tokens="
+                    f"{self.sampling.max_new_tokens}); 0 turns the DAPO punishment off."
+                )
+        n = self.prompts_per_step * self.num_generations
+        if n % self.grpo.num_micro_batches:
+            raise ValueError(
+                f"grpo.num_micro_batches={self.grpo.num_micro_batches} must divide the "
+                f"rollouts per step N = prompts_per_step x num_generations = {n}."
+            )
+
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Turn a parsed YAML value into the dataclass field's type (nested dataclasses too)."""

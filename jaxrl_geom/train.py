@@ -315,17 +315,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     writer = metrics_lib.MetricsWriter(out_dir)
     phase, grpo_round = "warmup", 0
     sft_state = TrainState.create(policy, optax.adamw(cfg.warmup.learning_rate, b1=0.9, b2=0.99))
-    state = None
+    state = reference_params = None
     if resume and ckpt.latest_step() is not None:
         meta_probe = json.loads((out_dir / "progress.json").read_text())
         phase = meta_probe["phase"]
         if phase == "grpo":
             state = TrainState.create(sft_state.model(), build_optimizer(cfg, run.model_config))
-            restored, meta = ckpt.restore(_ckpt_arrays(state, key))
+            keep_ref = state.params if grpo_cfg.beta > 0 else None
+            restored, meta = ckpt.restore(_ckpt_arrays(state, key, keep_ref))
             state = state.replace(
                 params=restored["params"], opt_state=restored["opt_state"], step=restored["step"]
             )
-            key = restored["key"]
+            key = jax.random.wrap_key_data(restored["key"])
+            reference_params = restored.get("reference")
             grpo_round = meta["grpo_round"]
             rng.bit_generator.state = meta["rng_state"]
 
@@ -340,12 +342,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         sft_state = warmup(sft_state, run, rng, pbar)
         state = TrainState.create(sft_state.model(), build_optimizer(cfg, run.model_config))
         phase = "grpo"
-    # The frozen reference of the KL term is the policy GRPO starts from.
-    reference = (state.graphdef, jax.tree.map(jnp.copy, state.params), state.rest)
+        # The frozen reference of the KL term is the policy GRPO starts from.
+        if grpo_cfg.beta > 0:
+            reference_params = jax.tree.map(jnp.copy, state.params)
+    reference = (state.graphdef, reference_params, state.rest)
     after_warmup = evaluate(state, run)
     history["eval_after_warmup"] = after_warmup
     writer.write(grpo_round, {**after_warmup})
-    for grpo_round in range(grpo_round + 1, cfg.steps + 1):
+    first_round = grpo_round + 1
+    for grpo_round in range(first_round, cfg.steps + 1):
         key, sub = jax.random.split(key)
         batch, info = collect_rollouts(state, run, rng, sub)
         if grpo_cfg.beta > 0:
@@ -364,7 +369,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         if grpo_round % cfg.checkpoint_every == 0 or grpo_round == cfg.steps:
             ckpt.save(
                 grpo_round,
-                _ckpt_arrays(state, key),
+                _ckpt_arrays(state, key, reference_params),
                 {"grpo_round": grpo_round, "rng_state": rng.bit_generator.state},
             )
             (out_dir / "progress.json").write_text(json.dumps({"phase": phase}))
@@ -380,13 +385,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     return {"state": state, **history}
 
 
-def _ckpt_arrays(state: TrainState, key: jax.Array) -> dict[str, Any]:
-    return {
+def _ckpt_arrays(
+    state: TrainState, key: jax.Array, reference: nnx.State | None
+) -> dict[str, Any]:
+    """The arrays a GRPO checkpoint holds; the KL reference too when there is one
+    (beta > 0), so ``--resume`` keeps the same reference policy."""
+    arrays = {
         "params": state.params,
         "opt_state": state.opt_state,
         "step": state.step,
-        "key": key,
+        "key": jax.random.key_data(key),
     }
+    if reference is not None:
+        arrays["reference"] = reference
+    return arrays
 
 
 def _salt_config(cfg: TrainConfig) -> Any:
@@ -416,6 +428,7 @@ def load_policy(run_dir: str | Path) -> tuple[nnx.Module, TrainConfig]:
     policy = build_policy(cfg, tokenizer, mesh)
     state = TrainState.create(policy, build_optimizer(cfg, policy.config))
     ckpt = Checkpointer(run_dir / "checkpoints")
-    restored, _ = ckpt.restore(_ckpt_arrays(state, jax.random.key(0)))
+    reference = state.params if cfg.grpo.beta > 0 else None
+    restored, _ = ckpt.restore(_ckpt_arrays(state, jax.random.key(0), reference))
     ckpt.close()
     return state.replace(params=restored["params"]).model(), cfg

@@ -70,4 +70,4 @@ def sft_step(state: TrainState, batch: RolloutBatch) -> tuple[TrainState, dict[s
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-    return new_state, {"sft/loss": loss, "sft/grad_norm": optax.global_norm(grads)}
+    return new_state, {"sft/loss": loss, "sft/grad_norm": optax.tree.norm(grads)}

@@ -331,7 +331,7 @@ def grpo_step(
     metrics = dict(metrics)
     metrics["entropy"] = metrics.pop("entropy_sum") / jnp.maximum(num_tokens, 1.0)
     metrics["loss"] = loss
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["update_norm"] = optax.global_norm(updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["update_norm"] = optax.tree.norm(updates)
     new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
     return new_state, metrics

@@ -303,7 +303,9 @@ def policy_loss(
       (``r < 1-eps_low`` and ``A < 0``), ``clip_ratio/high_mean`` (``r > 1+eps_high``
       and ``A > 0``), ``clip_ratio/region_mean`` (either), ``ratio_mean``, ``kl`` (mean
       k3, when ``ref_logprobs`` is given) and ``completion_length/{mean,min,max}`` over
-      rollouts. The entropy metric comes from
+      rollouts. At sequence level the clip ratios are token-weighted shares of
+      sequences (TRL averages them over sequences), so micro-batch metrics combine with
+      token-count weights. The entropy metric comes from
       :func:`~jaxrl_geom.rl.logprobs.token_entropy` on the caller's logits.
 
     Raises:

@@ -39,13 +39,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 __all__ = ["Greedy", "Sample", "SamplingMethod"]
+
+T = TypeVar("T")
 
 
 class SamplingMethod(Protocol):
@@ -129,17 +132,9 @@ class Sample:
     def sample(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         """Draw one token per row: ``logits [B, V] -> int32 [B]``."""
         scaled = logits.astype(jnp.float32) / self.temperature  # [B, V]
-        vocab = scaled.shape[-1]
         if self.top_k is None and not self._uses_top_p:
             return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
-        if self.top_k is not None or self.candidates >= vocab:
-            return _draw(key, *self.support(scaled, self._bound(vocab)))
-        # Top-p alone: bounded pre-selection, exact full sort only when it misses mass.
-        return lax.cond(
-            self._candidates_cover(scaled),
-            lambda: _draw(key, *self.support(scaled, self._bound(vocab))),
-            lambda: _draw(key, *self.support(scaled, vocab)),
-        )
+        return self._on_support(scaled, lambda values, ids: _draw(key, values, ids))
 
     def filtered_logits(self, logits: jax.Array) -> jax.Array:
         """The temperature-scaled logits with ``-inf`` outside the support, ``[B, V]``.
@@ -148,56 +143,46 @@ class Sample:
         inspection and tests, the sampler never materialises it.
         """
         scaled = logits.astype(jnp.float32) / self.temperature  # [B, V]
-        vocab = scaled.shape[-1]
         if self.top_k is None and not self._uses_top_p:
             return scaled
+        rows = jnp.arange(scaled.shape[0])[:, None]  # [B, 1]
 
-        def scatter(k: int) -> jax.Array:
-            values, ids = self.support(scaled, k)  # [B, k]
-            rows = jnp.arange(scaled.shape[0])[:, None]
+        def scatter(values: jax.Array, ids: jax.Array) -> jax.Array:
             return jnp.full_like(scaled, -jnp.inf).at[rows, ids].set(values)
 
-        if self.top_k is not None or self.candidates >= vocab:
-            return scatter(self._bound(vocab))
-        return lax.cond(
-            self._candidates_cover(scaled),
-            lambda: scatter(self._bound(vocab)),
-            lambda: scatter(vocab),
-        )
+        return self._on_support(scaled, scatter)
 
-    def support(self, scaled: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-        """The ``k`` largest scaled logits with top-p applied: ``(values, ids)``, ``[B, k]``.
+    def _on_support(self, scaled: jax.Array, fn: Callable[[jax.Array, jax.Array], T]) -> T:
+        """``fn(values, ids)`` on the exact truncated support, both ``[B, k]``.
 
-        ``values`` are ``-inf`` where top-p removes the token. Exact when ``k`` is the
-        top-k size, when ``k == V``, or when the ``k`` candidates hold ``>= top_p`` of
-        the full distribution's mass.
+        ``ids`` are the candidate token ids sorted by decreasing logit and ``values``
+        their scaled logits, ``-inf`` where top-p removes the token.
         """
-        values, ids = lax.top_k(scaled, k)  # [B, k] sorted descending
+        vocab = scaled.shape[-1]
+        bound = min(self.top_k or self.candidates, vocab)
+        values, ids = lax.top_k(scaled, bound)  # [B, k] sorted descending
         if not self._uses_top_p:
-            return values, ids
+            return fn(values, ids)
         if self.top_k is not None:
             # Hugging Face applies top-p to the renormalised top-k distribution.
             log_norm = jax.nn.logsumexp(values, axis=-1, keepdims=True)  # [B, 1]
-        else:
-            log_norm = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)  # [B, 1]
-        keep = _nucleus(values, log_norm, self.top_p)  # [B, k]
-        return jnp.where(keep, values, -jnp.inf), ids
-
-    def _bound(self, vocab: int) -> int:
-        if self.top_k is not None:
-            return min(self.top_k, vocab)
-        return min(self.candidates, vocab)
-
-    def _candidates_cover(self, scaled: jax.Array) -> jax.Array:
-        """Scalar bool: for every row the bounded candidates hold ``>= top_p`` of the mass."""
-        values, _ = lax.top_k(scaled, self._bound(scaled.shape[-1]))  # [B, k]
+            return fn(_nucleus(values, log_norm, self.top_p), ids)
         log_norm = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)  # [B, 1]
-        mass = jnp.sum(jnp.exp(values - log_norm), axis=-1)  # [B]
-        return jnp.all(mass >= self.top_p)
+        if bound == vocab:
+            return fn(_nucleus(values, log_norm, self.top_p), ids)
+
+        def exact() -> T:  # full sort, only when the candidates miss mass
+            all_values, all_ids = lax.top_k(scaled, vocab)  # [B, V]
+            return fn(_nucleus(all_values, log_norm, self.top_p), all_ids)
+
+        # Tokens past the candidates have >= their mass before them: all removed iff
+        # the candidates hold >= top_p in every row.
+        covered = jnp.all(jnp.sum(jnp.exp(values - log_norm), axis=-1) >= self.top_p)
+        return lax.cond(covered, lambda: fn(_nucleus(values, log_norm, self.top_p), ids), exact)
 
 
 def _nucleus(sorted_values: jax.Array, log_norm: jax.Array, top_p: float) -> jax.Array:
-    """Keep mask of the nucleus for logits sorted in decreasing order.
+    """Logits sorted in decreasing order, ``-inf`` outside the nucleus.
 
     Token ``j`` is kept iff the mass strictly before it is ``< p`` (Hugging Face's
     ``ascending cumsum <= 1 - p`` removal rule, written from the top). The first
@@ -205,7 +190,7 @@ def _nucleus(sorted_values: jax.Array, log_norm: jax.Array, top_p: float) -> jax
     """
     probs = jnp.exp(sorted_values - log_norm)  # [B, k]
     mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, k] exclusive cumsum
-    return mass_before < top_p
+    return jnp.where(mass_before < top_p, sorted_values, -jnp.inf)
 
 
 def _draw(key: jax.Array, values: jax.Array, ids: jax.Array) -> jax.Array:

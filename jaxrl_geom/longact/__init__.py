@@ -1,0 +1,61 @@
+"""LongAct: saliency-guided sparse updates of the query/key projections (SPEC section 3).
+
+``longact(...)`` is an optax ``GradientTransformationExtraArgs`` taking
+``activation_stats=`` (from ``jaxrl_geom.models.collect_qk_stats``); put it LAST in the
+chain, after weight decay, or wrap the optimizer with ``masked_optimizer``:
+
+.. code-block:: python
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6), longact(keep_ratio=0.3))
+
+Capture helpers live with the model: ``set_qk_capture``, ``collect_qk_stats``.
+"""
+
+from jaxrl_geom.longact.mask import (
+    channels_kept_per_layer,
+    mask_overlap,
+    num_kept,
+    saliency_concentration,
+    select_channels,
+    selected_fraction,
+)
+from jaxrl_geom.longact.stats import channel_scores, update_ema
+from jaxrl_geom.longact.transform import (
+    DEFAULT_PARAM_PATTERN,
+    LongActDiagnostics,
+    LongActState,
+    LongActTransformation,
+    MaskedOptimizerState,
+    chain,
+    check_chain,
+    from_config,
+    longact,
+    longact_wrap,
+    masked_optimizer,
+)
+from jaxrl_geom.models.taps import ChannelStats, collect_qk_stats, set_qk_capture
+
+__all__ = [
+    "DEFAULT_PARAM_PATTERN",
+    "ChannelStats",
+    "LongActDiagnostics",
+    "LongActState",
+    "LongActTransformation",
+    "MaskedOptimizerState",
+    "chain",
+    "channel_scores",
+    "channels_kept_per_layer",
+    "check_chain",
+    "collect_qk_stats",
+    "from_config",
+    "longact",
+    "longact_wrap",
+    "mask_overlap",
+    "masked_optimizer",
+    "num_kept",
+    "saliency_concentration",
+    "select_channels",
+    "selected_fraction",
+    "set_qk_capture",
+    "update_ema",
+]

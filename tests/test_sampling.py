@@ -352,3 +352,6 @@ def test_generate_rejects_bad_input(checkpoint, prompts):
         generate(model, tokens, mask, None, max_new_tokens=4, method=Sample())
     with pytest.raises(ValueError, match="outside the vocabulary"):
         generate(model, np.where(mask, VOCAB + 1, 0), mask, None, max_new_tokens=4)
+    with pytest.raises(ValueError, match="shards the batch"):
+        bad_mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
+        generate(model, tokens, mask, None, max_new_tokens=4, mesh=bad_mesh)

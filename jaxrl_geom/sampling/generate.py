@@ -45,10 +45,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxrl_geom.sampling.methods import Greedy, Sample, SamplingMethod
+from jaxrl_geom.sharding import BATCH_AXES, shard_batch
 
 __all__ = ["GenerateOutput", "generate"]
 
-BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dimension is sharded over
 _GREEDY = Greedy()
 
 
@@ -137,6 +137,11 @@ def generate(
         key = jax.random.key(0)
 
     batch, prompt_len = tokens_np.shape
+    if mesh is not None and not set(BATCH_AXES) <= set(mesh.axis_names):
+        raise ValueError(
+            f"mesh has axes {mesh.axis_names}; generate() shards the batch over {BATCH_AXES}. "
+            "Build the mesh with jaxrl_geom.sharding.make_mesh."
+        )
     shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     batch_bucket = _round_up(_next_pow2(batch), shards)
     prompt_bucket = _next_pow2(prompt_len)
@@ -150,25 +155,23 @@ def generate(
     msk[batch:, -1] = True
     row_valid = np.arange(batch_bucket) < batch
 
-    args = (
-        jnp.asarray(tok),
-        jnp.asarray(msk),
-        jnp.asarray(row_valid),
+    rows = (tok, msk, row_valid)  # [B, ...] sharded over the batch axes
+    scalars = (  # replicated
         key,
         jnp.asarray(max_new_tokens, jnp.int32),
         jnp.asarray(np.asarray(stop_tokens, np.int32).reshape(-1)),
         jnp.asarray(pad_id, jnp.int32),
     )
-    if mesh is not None:
-        batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-        replicated = NamedSharding(mesh, P())
-        args = tuple(
-            jax.device_put(a, batch_sharding if i < 3 else replicated) for i, a in enumerate(args)
-        )
+    if mesh is None:
+        rows = tuple(jnp.asarray(a) for a in rows)
+    else:
+        rows = shard_batch(rows, mesh)
+        scalars = jax.device_put(scalars, NamedSharding(mesh, P()))
     result = _generate_jit(
         graphdef,
         states,
-        *args,
+        *rows,
+        *scalars,
         method=method,
         length_bucket=length_bucket,
         mesh=mesh,

@@ -100,7 +100,7 @@ def load_pretrained(
     """
     from jaxrl_geom import sharding  # lazy: sharding is optional at this boundary
 
-    root = Path(path)
+    root = Path(path).expanduser()
     config = _read_config(root, dtype, param_dtype)
     files = _safetensors_files(root)
 
@@ -219,7 +219,7 @@ def save_pretrained(model: Decoder, path: str | os.PathLike) -> None:
         raise ValueError(
             f"save_pretrained expects a jaxrl_geom Decoder, got {type(model).__name__}."
         )
-    root = Path(path)
+    root = Path(path).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     config = model.config
     hf_config = config.to_hf()

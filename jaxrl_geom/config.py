@@ -29,6 +29,7 @@ class ModelSpec:
       path: a local Hugging Face checkpoint directory (safetensors) to start from.
       dtype: compute dtype, ``"float32"`` or ``"bfloat16"``.
       hidden_size, num_layers: preset size overrides.
+      remat: rematerialize each decoder layer in the backward pass (less memory).
     """
 
     preset: Literal["tiny"] = "tiny"
@@ -36,6 +37,7 @@ class ModelSpec:
     dtype: Literal["float32", "bfloat16"] = "float32"
     hidden_size: int = 128
     num_layers: int = 4
+    remat: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,6 +69,7 @@ def build_policy(cfg: TrainConfig, tokenizer: Any, mesh: jax.sharding.Mesh) -> n
         hidden_size=cfg.model.hidden_size,
         num_hidden_layers=cfg.model.num_layers,
         dtype=cfg.model.dtype,
+        remat=cfg.model.remat,
     )
     model = Decoder(mc, rngs=nnx.Rngs(cfg.seed))
     return sharding.shard_model(model, mesh)
@@ -178,20 +179,18 @@ def collect_rollouts(
     method = Sample(
         temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p
     )
-    kept: list[dict[str, Any]] = []
-    dropped: list[dict[str, Any]] = []
-    tries = 0
-    while True:
-        tries += 1
+    keys = iter(jax.random.split(key, cfg.max_sampling_tries))
+
+    def sample_groups(_num_missing: int) -> tuple[list[dict[str, Any]], np.ndarray]:
+        # Always M prompts per call: one sampler compile, whatever is missing.
         examples = _sample_examples(run, rng, m_target)
         ptok, pmask = encode_prompts(tok, [e.prompt for e in examples])
         rtok, rmask, _ = repeat_prompts(ptok, pmask, g)
-        key, sub = jax.random.split(key)
         out = generate(
             model,
             rtok,
             rmask,
-            sub,
+            next(keys),
             max_new_tokens=cfg.sampling.max_new_tokens,
             method=method,
             stop_tokens=(tok.eos_id,),
@@ -202,26 +201,27 @@ def collect_rollouts(
         texts = decode_completions(tok, out.completion, out.lengths)
         rewards = np.array(
             [run.task.reward(t, examples[i // g]) for i, t in enumerate(texts)], np.float32
-        )
-        for j in range(m_target):
-            rows = slice(j * g, (j + 1) * g)
-            group = {
+        ).reshape(m_target, g)
+        groups = [
+            {
                 "tokens": out.tokens[rows],
                 "prompt_mask": rmask[rows],
                 "completion_mask": out.completion_mask[rows],
                 "logprobs": out.logprobs[rows],
                 "lengths": out.lengths[rows],
                 "truncated": out.truncated[rows],
-                "rewards": rewards[rows],
+                "rewards": rewards[j],
             }
-            if cfg.dynamic_sampling and np.all(group["rewards"] == group["rewards"][0]):
-                dropped.append(group)
-            else:
-                kept.append(group)
-        if not cfg.dynamic_sampling or len(kept) >= m_target or tries >= cfg.max_sampling_tries:
-            break
-    filled = min(len(kept), m_target) / m_target
-    groups = (kept + dropped)[:m_target]
+            for j, rows in enumerate(slice(j * g, (j + 1) * g) for j in range(m_target))
+        ]
+        return groups, rewards
+
+    if cfg.dynamic_sampling:
+        filled = dapo.fill_batch(sample_groups, m_target, cfg.max_sampling_tries, on_short="pad")
+        groups, sampling_info = filled.groups, filled.metrics
+    else:
+        groups, _ = sample_groups(m_target)
+        sampling_info = {}
 
     batch_np = _stack_groups(groups, tok.pad_id)
     raw_rewards = batch_np["rewards"].astype(np.float32)
@@ -254,9 +254,7 @@ def collect_rollouts(
         "reward/zero_std_group_fraction": float(np.mean(grouped.max(1) == grouped.min(1))),
         "completion/length_mean": float(batch_np["lengths"].mean()),
         "completion/truncated_fraction": float(batch_np["truncated"].mean()),
-        "dynamic_sampling/tries": float(tries),
-        "dynamic_sampling/filled_fraction": float(filled),
-        "dynamic_sampling/gave_up": float(cfg.dynamic_sampling and filled < 1.0),
+        **sampling_info,
     }
     return batch, info
 
@@ -385,9 +383,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     return {"state": state, **history}
 
 
-def _ckpt_arrays(
-    state: TrainState, key: jax.Array, reference: nnx.State | None
-) -> dict[str, Any]:
+def _ckpt_arrays(state: TrainState, key: jax.Array, reference: nnx.State | None) -> dict[str, Any]:
     """The arrays a GRPO checkpoint holds; the KL reference too when there is one
     (beta > 0), so ``--resume`` keeps the same reference policy."""
     arrays = {

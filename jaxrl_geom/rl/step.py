@@ -249,7 +249,9 @@ def _merge_metrics(per_micro: dict[str, jax.Array], weights: jax.Array) -> dict[
     out = {}
     w = weights / jnp.maximum(jnp.sum(weights), 1.0)
     for k, v in per_micro.items():
-        if k.endswith("_sum"):
+        if k.startswith("completion_length/") and k.endswith("mean"):
+            out[k] = jnp.mean(v)  # a per-sequence mean; micro-batches hold equal N/m rows
+        elif k.endswith("_sum"):
             out[k] = jnp.sum(v)
         elif k.endswith("min"):
             out[k] = jnp.min(v)

@@ -9,8 +9,12 @@ chain, after weight decay, or wrap the optimizer with ``masked_optimizer``:
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6), longact(keep_ratio=0.3))
 
 Capture helpers live with the model: ``set_qk_capture``, ``collect_qk_stats``.
+``grpo_step(..., GrpoConfig(capture_activations=True))`` captures, passes the statistics
+and logs ``longact/<q|k>_{selected_fraction,overlap,concentration}`` (see
+:mod:`~jaxrl_geom.longact.integration`).
 """
 
+from jaxrl_geom.longact.integration import check_capture, longact_metrics, longact_states
 from jaxrl_geom.longact.mask import (
     channels_kept_per_layer,
     mask_overlap,
@@ -44,11 +48,14 @@ __all__ = [
     "MaskedOptimizerState",
     "chain",
     "channel_scores",
+    "check_capture",
     "channels_kept_per_layer",
     "check_chain",
     "collect_qk_stats",
     "from_config",
     "longact",
+    "longact_metrics",
+    "longact_states",
     "longact_wrap",
     "mask_overlap",
     "masked_optimizer",

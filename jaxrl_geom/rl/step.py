@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from jaxrl_geom.longact.integration import check_capture, longact_metrics
 from jaxrl_geom.models import taps
 from jaxrl_geom.rl import logprobs as lp
 from jaxrl_geom.rl import losses
@@ -289,8 +290,14 @@ def grpo_step(
       config: static :class:`GrpoConfig`.
 
     Returns:
-      ``(new_state, metrics)`` with loss, grad/update norms and the loss metrics.
+      ``(new_state, metrics)`` with loss, grad/update norms, the loss metrics and,
+      with a LongAct link, ``longact/<q|k>_{selected_fraction,overlap,concentration}``.
+
+    Raises:
+      ValueError: the optimizer has a ``longact()`` link but
+        ``config.capture_activations`` is False.
     """
+    check_capture(state.opt_state, config.capture_activations)
     n = batch.tokens.shape[0]
     completion_mask = batch.completion_mask
     num_sequences = jnp.asarray(n, jnp.float32)
@@ -335,5 +342,6 @@ def grpo_step(
     metrics["loss"] = loss
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["update_norm"] = optax.tree.norm(updates)
+    metrics.update(longact_metrics(opt_state))  # longact/<q|k>_<diagnostic>, means over layers
     new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
     return new_state, metrics

@@ -2,6 +2,11 @@
 
 ``Linear``, ``Embedding`` and ``RMSNorm`` are the only modules that own parameters
 (SALT's Gram taps wrap exactly these), and each ``__call__`` is one short code path.
+Each has a ``gram_tap`` attribute, ``None`` by default (no cost). SALT's scalable path
+(:mod:`jaxrl_geom.salt.ghost`) sets it on a throw-away copy of the model: the tap is
+called as ``tap(output, input)`` (``tap.attend(logits, h)`` for the tied head) and
+returns ``output`` unchanged in value and gradient; its backward rule turns the
+layer's input and output cotangent into the per-sample Gram block.
 Kernels are stored ``[in, out]``. Every parameter carries its *logical* axis names
 as ``out_sharding`` metadata (e.g. ``("embed", "mlp")``); :mod:`jaxrl_geom.sharding`
 maps them to mesh axes in one place. ``eager_sharding=False`` keeps construction
@@ -62,16 +67,20 @@ class Linear(nnx.Module):
         self.bias = _param(jnp.zeros((out_features,), param_dtype), axes[1:]) if use_bias else None
         self.dtype = dtype
         self.out_dtype = dtype if out_dtype is None else out_dtype
+        self.gram_tap = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
         y = jnp.einsum(
             "BTI,IO->BTO",
-            x.astype(self.dtype),
+            x,
             self.kernel[...].astype(self.dtype),
             preferred_element_type=self.out_dtype,
         )  # [B, T, O]
         if self.bias is not None:
             y = y + self.bias[...].astype(self.out_dtype)
+        if self.gram_tap is not None:  # SALT Gram tap: identity on y
+            y = self.gram_tap(y, x)
         return y
 
 
@@ -92,18 +101,26 @@ class Embedding(nnx.Module):
             init(rngs.params(), (num_embeddings, features), param_dtype), ("vocab", "embed")
         )
         self.dtype = dtype
+        self.gram_tap = nnx.data(None)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)  # [B, T, D]
+        y = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)  # [B, T, D]
+        if self.gram_tap is not None:  # SALT Gram tap: identity on y
+            y = self.gram_tap(y, tokens)
+        return y
 
     def attend(self, h: jax.Array) -> jax.Array:
         """Tied output projection: float32 logits ``[B, T, V]``."""
-        return jnp.einsum(
+        h = h.astype(self.dtype)
+        logits = jnp.einsum(
             "BTD,VD->BTV",
-            h.astype(self.dtype),
+            h,
             self.embedding[...].astype(self.dtype),
             preferred_element_type=jnp.float32,
         )
+        if self.gram_tap is not None:  # SALT Gram tap: identity on logits
+            logits = self.gram_tap.attend(logits, h)
+        return logits
 
 
 class RMSNorm(nnx.Module):
@@ -128,11 +145,16 @@ class RMSNorm(nnx.Module):
         self.scale = _param(jnp.ones((features,), param_dtype), axes)
         self.eps = eps
         self.dtype = dtype
+        self.gram_tap = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(self.dtype) * (x32 * inv_rms).astype(self.dtype)
+        x_hat = (x32 * inv_rms).astype(self.dtype)
+        y = self.scale[...].astype(self.dtype) * x_hat
+        if self.gram_tap is not None:  # SALT Gram tap: identity on y
+            y = self.gram_tap(y, x_hat)
+        return y
 
 
 class MLP(nnx.Module):

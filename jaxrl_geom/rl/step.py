@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,9 @@ from jaxrl_geom.longact.integration import check_capture, longact_metrics
 from jaxrl_geom.models import taps
 from jaxrl_geom.rl import logprobs as lp
 from jaxrl_geom.rl import losses
+
+if TYPE_CHECKING:
+    from jaxrl_geom.salt.config import SaltConfig
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 
@@ -273,9 +276,12 @@ def _sum_stats_over_micro_batches(stack: taps.ChannelStats) -> taps.ChannelStats
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnums=(0,))
+@functools.partial(jax.jit, static_argnames=("config", "salt"), donate_argnums=(0,))
 def grpo_step(
-    state: TrainState, batch: RolloutBatch, config: GrpoConfig = GrpoConfig()
+    state: TrainState,
+    batch: RolloutBatch,
+    config: GrpoConfig = GrpoConfig(),
+    salt: SaltConfig | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on a rollout batch.
 
@@ -288,6 +294,11 @@ def grpo_step(
       state: the :class:`TrainState` (donated: do not reuse it after the call).
       batch: a :class:`RolloutBatch` of N rollouts.
       config: static :class:`GrpoConfig`.
+      salt: static :class:`~jaxrl_geom.salt.SaltConfig` or None. When given, the
+        policy gradient takes SALT's scalable path
+        (:func:`jaxrl_geom.salt.policy.salt_policy_gradients`: Gram by per-layer
+        taps, advantages reweighted, KL gradient unchanged) and ``salt/*`` metrics
+        are logged; ``SaltConfig(gamma_max=0.0)`` logs them on plain GRPO.
 
     Returns:
       ``(new_state, metrics)`` with loss, grad/update norms, the loss metrics and,
@@ -311,7 +322,13 @@ def grpo_step(
     )
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     m = config.num_micro_batches
-    if m == 1:
+    if salt is not None:
+        from jaxrl_geom.salt.policy import salt_policy_gradients  # lazy: salt imports rl
+
+        loss, grads, metrics, stats = salt_policy_gradients(
+            state.graphdef, state.params, state.rest, batch, config, salt
+        )
+    elif m == 1:
         (loss, (metrics, stats)), grads = grad_fn(state.params, state.rest, batch)
     else:
         micro = _split_micro_batches(batch, m)

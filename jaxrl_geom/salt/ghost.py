@@ -1,0 +1,512 @@
+"""The N x N per-sample Gram of a model's loss without materializing ``Phi``: Gram taps.
+
+For per-row losses ``l_1 .. l_N`` of a batch whose rows are independent (a decoder
+LM: attention, norms and MLPs act within a row), the backward pass of
+``sum_i l_i`` gives at every parameterised op the per-row output cotangent ``D_i``
+of ``l_i`` alone. With the op's input ``X_i`` (all tokens, prompt included) its
+per-sample gradient is ``phi_i = X_i^T D_i``, and the Gram ``K_ij = <g_i, g_j>`` is
+a sum of per-op blocks with closed forms (SPEC section 2, "Cost"; PERF.md section 4):
+
+.. math::
+    K = \\sum_{\\text{dense}} \\langle X_i X_j^\\top, D_i D_j^\\top \\rangle_F
+      + \\sum_{\\text{embed}} \\sum_{t,s} [\\mathrm{tok}_{it} = \\mathrm{tok}_{js}]
+        \\langle D_{it}, D_{js} \\rangle
+      + \\sum_{\\text{norm}} (\\textstyle\\sum_t \\hat x_{it} \\odot D_{it})
+        \\cdot (\\sum_s \\hat x_{js} \\odot D_{js}) + \\dots
+
+A *tap* is a ``jax.custom_vjp`` identity on a layer's output (set as the layer's
+``gram_tap``) that takes a dummy zero input ``probe [N, N]``; its backward rule
+returns the layer's Gram block as the probe's cotangent (paxml ``ghostnorm``
+style), so ``D`` is consumed where it is produced and never stored. Differentiating
+with respect to the probes only, the parameter gradients are dead code.
+
+Covered ops: ``Linear`` kernels and biases (dense backends ghost / tiled / auto /
+sketch of :mod:`jaxrl_geom.salt.gram`), ``Embedding`` lookups (token-equality closed
+form), the untied LM head (a ``Linear``), ``RMSNorm`` scales (including q/k norms),
+and TIED embeddings. A tied table ``E`` gets per-sample gradient from the lookup AND
+the head ``logits = h E^T``; the Gram of the sum needs the cross terms, which we
+compute exactly in closed form (our derivation):
+
+.. math::
+    K^{tied}_{ij} = K^{lookup}_{ij} + K^{head}_{ij} + C_{ij} + C_{ji}, \\qquad
+    C_{ij} = \\sum_{t,s} \\langle D^{emb}_{it}, h_{js} \\rangle\\,
+             D^{logits}_{js}[\\mathrm{tok}_{it}]
+
+The head's ``(h, D^logits)`` reach the lookup's backward rule through a *carrier*: a
+zero output of the lookup tap that the head tap takes as input and whose cotangent
+it sets to ``(h, D^logits)``. This holds one ``[N, T, V]`` float32 tensor (the size
+of the logits) through the backward of the trunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrl_geom.models.layers import Embedding, Linear, RMSNorm
+from jaxrl_geom.salt.gram import (
+    _HI,
+    Scope,
+    _bias_gram,
+    _columns,
+    _ghost_chunk,
+    check_scope,
+    dense_gram,
+    embedding_ghost_gram,
+    in_scope,
+    path_to_str,
+    scale_gram,
+    sketch_dense_gram,
+)
+
+BACKENDS: tuple[str, ...] = ("auto", "ghost", "tiled", "sketch")
+
+
+class GramProbe(nnx.Variable):
+    """A zero ``[N, N]`` input of one tap; its cotangent is the tap's Gram block."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _TapSpec:
+    """Static description of one tap (hashable: a ``custom_vjp`` nondiff argument)."""
+
+    path: str  # module path, e.g. "layers.0.mlp.up_proj"
+    weight: bool  # the kernel / table / scale is in scope
+    bias: bool  # the bias is in scope (Linear only)
+    backend: str  # dense blocks: "auto" | "ghost" | "tiled" | "sketch"
+    sketch_dim: int
+    seed: int
+    vocab_size: int = 0  # Embedding only
+    tied: bool = False  # Embedding only: the table is also the LM head
+
+    def sketch_key(self) -> jax.Array:
+        """Fixed projection key of this layer: ``fold_in(key(seed), crc32(path))``."""
+        return jax.random.fold_in(jax.random.key(self.seed), zlib.crc32(self.path.encode()))
+
+
+# ----------------------------------------------------------------------------------------
+# Gram blocks
+# ----------------------------------------------------------------------------------------
+
+
+def _rows(a: jax.Array) -> jax.Array:
+    """``[N, ..., C]`` -> ``[N, T', C]``: every middle axis is a token axis."""
+    return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
+def _dense_block(x: jax.Array, d: jax.Array, spec: _TapSpec, *, weight: bool) -> jax.Array:
+    """Gram of a dense op ``y = x W (+ b)`` from its input and output cotangent."""
+    x, d = _rows(x).astype(jnp.float32), _rows(d).astype(jnp.float32)  # [N, T, *]
+    n = x.shape[0]
+    gram = jnp.zeros((n, n), jnp.float32)
+    if weight:
+        if spec.backend == "sketch":
+            k = spec.sketch_dim
+            gram = sketch_dense_gram(x, d, spec.sketch_key(), k, k)
+        else:
+            gram = dense_gram(x, d, backend=spec.backend)
+    if spec.bias:
+        gram = gram + _bias_gram(d)
+    return gram
+
+
+def tied_cross_gram(
+    tokens: jax.Array, d_lookup: jax.Array, h: jax.Array, d_logits: jax.Array
+) -> jax.Array:
+    """Cross term of a tied table: ``C_ij = <lookup gradient of i, head gradient of j>``.
+
+    .. math::
+        C_{ij} = \\sum_{t,s} \\langle D^{emb}_{it}, h_{js} \\rangle\\,
+                 D^{logits}_{js}[\\mathrm{tok}_{it}]
+
+    (the lookup gradient of ``i`` is ``sum_t e_{tok_it} D^emb_it^T``, the head gradient
+    of ``j`` is ``sum_s D^logits_js h_js^T``, both ``[V, D]``). About ``2 N^2 T^2 D``
+    FLOPs, ``chunk`` columns at a time. Tokens outside ``[0, V)`` contribute nothing.
+
+    Args:
+      tokens: ``[N, T]`` ids fed to the lookup.
+      d_lookup: ``[N, T, D]`` cotangent of the lookup output.
+      h: ``[N, S, D]`` input of the tied head.
+      d_logits: ``[N, S, V]`` cotangent of the logits.
+
+    Returns:
+      ``[N, N]`` float32 (not symmetric; the Gram adds ``C + C^T``).
+    """
+    n, t = tokens.shape
+    vocab = d_logits.shape[-1]
+    valid = (tokens >= 0) & (tokens < vocab)  # [N, T]
+    d = jnp.where(valid[..., None], d_lookup.astype(jnp.float32), 0.0)  # [N, T, D]
+    tok = jnp.clip(tokens, 0, vocab - 1)  # [N, T]
+
+    def column(h_j, dl_j):  # [S, D], [S, V] -> C[:, j] [N]
+        dh = jnp.einsum("itd,sd->its", d, h_j.astype(jnp.float32), precision=_HI)  # [N, T, S]
+        picked = jnp.take(dl_j.astype(jnp.float32), tok, axis=1)  # [S, N, T]
+        return jnp.einsum("its,sit->i", dh, picked, precision=_HI)
+
+    return _columns(column, (h, d_logits), n, _ghost_chunk(n, max(t, h.shape[1]), None))
+
+
+# ----------------------------------------------------------------------------------------
+# custom_vjp taps: identity forward, Gram block as the probe's cotangent
+# ----------------------------------------------------------------------------------------
+
+
+def _int_cotangent(x: jax.Array) -> np.ndarray:
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dense_tap(spec: _TapSpec, y: jax.Array, x: jax.Array, probe: jax.Array) -> jax.Array:
+    del x, probe
+    return y
+
+
+def _dense_tap_fwd(spec, y, x, probe):
+    del probe
+    return y, x
+
+
+def _dense_tap_bwd(spec, x, dy):
+    return dy, jnp.zeros_like(x), _dense_block(x, dy, spec, weight=spec.weight)
+
+
+_dense_tap.defvjp(_dense_tap_fwd, _dense_tap_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scale_tap(spec: _TapSpec, y: jax.Array, x_hat: jax.Array, probe: jax.Array) -> jax.Array:
+    del x_hat, probe
+    return y
+
+
+def _scale_tap_fwd(spec, y, x_hat, probe):
+    del probe
+    return y, x_hat
+
+
+def _scale_tap_bwd(spec, x_hat, dy):
+    return dy, jnp.zeros_like(x_hat), scale_gram(_rows(x_hat), _rows(dy))
+
+
+_scale_tap.defvjp(_scale_tap_fwd, _scale_tap_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lookup_tap(spec: _TapSpec, y: jax.Array, tokens: jax.Array, probe: jax.Array) -> jax.Array:
+    del tokens, probe
+    return y
+
+
+def _lookup_tap_fwd(spec, y, tokens, probe):
+    del probe
+    return y, tokens
+
+
+def _lookup_tap_bwd(spec, tokens, dy):
+    gram = embedding_ghost_gram(tokens, dy, spec.vocab_size)
+    return dy, _int_cotangent(tokens), gram
+
+
+_lookup_tap.defvjp(_lookup_tap_fwd, _lookup_tap_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tied_lookup_tap(
+    spec: _TapSpec, y: jax.Array, tokens: jax.Array, probe: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Identity on ``y`` plus the zero carrier ``(h-shaped, logits-shaped)``."""
+    del tokens, probe
+    return y, _zero_carrier(spec, y)
+
+
+def _zero_carrier(spec: _TapSpec, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    n, t, d = y.shape
+    return jnp.zeros((n, t, d), jnp.float32), jnp.zeros((n, t, spec.vocab_size), jnp.float32)
+
+
+def _tied_lookup_tap_fwd(spec, y, tokens, probe):
+    del probe
+    return (y, _zero_carrier(spec, y)), tokens
+
+
+def _tied_lookup_tap_bwd(spec, tokens, cotangents):
+    dy, (h, d_logits) = cotangents  # the carrier's cotangent is the head's (h, D^logits)
+    cross = tied_cross_gram(tokens, dy, h, d_logits)
+    gram = (
+        embedding_ghost_gram(tokens, dy, spec.vocab_size)
+        + _dense_block(h, d_logits, spec, weight=True)
+        + cross
+        + cross.T
+    )
+    return dy, _int_cotangent(tokens), gram
+
+
+_tied_lookup_tap.defvjp(_tied_lookup_tap_fwd, _tied_lookup_tap_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tied_head_tap(spec: _TapSpec, logits: jax.Array, h: jax.Array, carrier: tuple) -> jax.Array:
+    del h, carrier
+    return logits
+
+
+def _tied_head_tap_fwd(spec, logits, h, carrier):
+    del carrier
+    return logits, h
+
+
+def _tied_head_tap_bwd(spec, h, d_logits):
+    carrier_ct = (h.astype(jnp.float32), d_logits.astype(jnp.float32))
+    return d_logits, jnp.zeros_like(h), carrier_ct
+
+
+_tied_head_tap.defvjp(_tied_head_tap_fwd, _tied_head_tap_bwd)
+
+
+# ----------------------------------------------------------------------------------------
+# Tap modules (set as ``gram_tap`` of Linear / Embedding / RMSNorm)
+# ----------------------------------------------------------------------------------------
+
+
+class _Tap(nnx.Module):
+    def __init__(self, num_rows: int, spec: _TapSpec):
+        self.probe = GramProbe(jnp.zeros((num_rows, num_rows), jnp.float32))
+        self.spec = spec
+
+
+class DenseTap(_Tap):
+    """Tap of a ``Linear``: Gram of its kernel (and bias) gradients."""
+
+    def __call__(self, y: jax.Array, x: jax.Array) -> jax.Array:
+        return _dense_tap(self.spec, y, x, self.probe[...])
+
+
+class ScaleTap(_Tap):
+    """Tap of an ``RMSNorm``: Gram of its scale gradients."""
+
+    def __call__(self, y: jax.Array, x_hat: jax.Array) -> jax.Array:
+        return _scale_tap(self.spec, y, x_hat, self.probe[...])
+
+
+class EmbeddingTap(_Tap):
+    """Tap of an ``Embedding``: lookup Gram, plus head and cross terms when tied."""
+
+    def __init__(self, num_rows: int, spec: _TapSpec):
+        super().__init__(num_rows, spec)
+        self.carrier = nnx.data(None)
+
+    def __call__(self, y: jax.Array, tokens: jax.Array) -> jax.Array:
+        if not self.spec.tied:
+            return _lookup_tap(self.spec, y, tokens, self.probe[...])
+        y, self.carrier = _tied_lookup_tap(self.spec, y, tokens, self.probe[...])
+        return y
+
+    def attend(self, logits: jax.Array, h: jax.Array) -> jax.Array:
+        if not self.spec.tied:
+            raise ValueError(
+                f"Embedding {self.spec.path!r} was tapped as untied but attend() was called: "
+                "pass tied_embeddings=True to attach_gram_taps for a tied LM head."
+            )
+        if self.carrier is None or self.carrier[1].shape[:2] != logits.shape[:2]:
+            raise ValueError(
+                "The tied-head Gram tap needs the lookup of the same tokens first, with "
+                "logits at every position (no KV cache, logits_slice=None)."
+            )
+        logits = _tied_head_tap(self.spec, logits, h, self.carrier)
+        self.carrier = None
+        return logits
+
+
+# ----------------------------------------------------------------------------------------
+# Attaching taps and reading the Gram
+# ----------------------------------------------------------------------------------------
+
+
+def _join(path: tuple, name: str) -> str:
+    return ".".join([*(str(p) for p in path), name])
+
+
+def attach_gram_taps(
+    model: nnx.Module,
+    num_rows: int,
+    *,
+    scope: Scope = None,
+    backend: str = "auto",
+    sketch_dim: int = 64,
+    seed: int = 0,
+    tied_embeddings: bool | None = None,
+) -> tuple[str, ...]:
+    """Set a Gram tap on every ``Linear`` / ``Embedding`` / ``RMSNorm`` with a parameter in scope.
+
+    Modifies ``model`` in place (use a throw-away copy: ``nnx.merge(*nnx.split(model))``).
+    Afterwards the model holds one :class:`GramProbe` ``[num_rows, num_rows]`` per tapped
+    op; the gradient of ``sum_i l_i`` with respect to them, summed, is the Gram of the
+    per-row loss gradients over the selected parameters (:func:`probe_gram`).
+
+    Args:
+      model: the model (e.g. a ``Decoder``).
+      num_rows: ``N``, the batch size of the forward pass to come.
+      scope: ``None`` (all parameters), a regex searched in the '.'-joined parameter
+        path (``path_to_str`` names, e.g. ``"layers.0.mlp.up_proj.kernel"``), or a
+        callable ``(path_str, parameter_value) -> bool``.
+      backend: dense-op Gram backend, ``"auto"`` | ``"ghost"`` | ``"tiled"`` | ``"sketch"``.
+      sketch_dim: sketch size per factor (``backend="sketch"``).
+      seed: seed of the sketch projections (fixed per layer path).
+      tied_embeddings: whether the embedding table is also the LM head (``attend``);
+        default ``model.config.tie_word_embeddings`` when the model has a config.
+
+    Returns:
+      the sorted parameter paths that enter the Gram.
+
+    Raises:
+      ValueError: bad arguments, a scope that selects nothing, or a selected parameter
+        held by a module without a Gram tap (use the ``vmap`` reference for it).
+    """
+    check_scope(scope)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
+    if not (isinstance(num_rows, int) and num_rows >= 1):
+        raise ValueError(f"num_rows must be a positive int (the batch size N); got {num_rows!r}.")
+    if tied_embeddings is None:
+        tied_embeddings = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", 0))
+    spec = functools.partial(_TapSpec, backend=backend, sketch_dim=sketch_dim, seed=seed)
+    covered: list[str] = []
+    for path, module in list(nnx.iter_modules(model)):
+        prefix = ".".join(str(p) for p in path)
+        if isinstance(module, Linear):
+            kernel = in_scope(scope, _join(path, "kernel"), module.kernel[...])
+            bias = module.bias is not None and in_scope(
+                scope, _join(path, "bias"), module.bias[...]
+            )
+            covered += [_join(path, "kernel")] * kernel + [_join(path, "bias")] * bias
+            if kernel or bias:
+                module.gram_tap = DenseTap(num_rows, spec(path=prefix, weight=kernel, bias=bias))
+        elif isinstance(module, Embedding):
+            if in_scope(scope, _join(path, "embedding"), module.embedding[...]):
+                covered.append(_join(path, "embedding"))
+                vocab = module.embedding.shape[0]
+                module.gram_tap = EmbeddingTap(
+                    num_rows,
+                    spec(
+                        path=prefix, weight=True, bias=False, vocab_size=vocab, tied=tied_embeddings
+                    ),
+                )
+        elif isinstance(module, RMSNorm):
+            if in_scope(scope, _join(path, "scale"), module.scale[...]):
+                covered.append(_join(path, "scale"))
+                module.gram_tap = ScaleTap(num_rows, spec(path=prefix, weight=True, bias=False))
+
+    params = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+    wanted = {path_to_str(p) for p, leaf in params if in_scope(scope, path_to_str(p), leaf)}
+    if not wanted:
+        names = [path_to_str(p) for p, _ in params]
+        raise ValueError(
+            f"scope {scope!r} selects no parameter; the paths are e.g. {names[:5]}. Fix the "
+            "scope regex/filter or pass scope=None for all parameters."
+        )
+    missing = sorted(wanted - set(covered))
+    if missing:
+        raise ValueError(
+            f"No Gram tap covers the selected parameters {missing[:5]}: only Linear, "
+            "Embedding and RMSNorm parameters have one. Narrow the scope, or use the "
+            "materialized reference (per_sample_grads + gram_from_features) for them."
+        )
+    return tuple(sorted(covered))
+
+
+def probe_gram(probe_grads: Any) -> jax.Array:
+    """The Gram: the sum of the probes' cotangents (one ``[N, N]`` block per tapped op)."""
+    return sum(jax.tree_util.tree_leaves(probe_grads))
+
+
+def split_tapped(
+    model: nnx.Module, num_rows: int, **tap_kwargs: Any
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
+    """A tapped copy of ``model`` split as ``(graphdef, probes, params, rest)``.
+
+    ``nnx.merge(graphdef, probes, params, rest)`` rebuilds it; ``params`` has the
+    structure of ``nnx.state(model, nnx.Param)``, so the original parameter state can
+    be passed in its place (and differentiated). ``tap_kwargs``: as
+    :func:`attach_gram_taps`.
+    """
+    tapped = nnx.merge(*nnx.split(model))
+    attach_gram_taps(tapped, num_rows, **tap_kwargs)
+    return nnx.split(tapped, GramProbe, nnx.Param, ...)
+
+
+def gram_of_loss(
+    loss_fn: Callable[..., Any],
+    model: nnx.Module,
+    *args: Any,
+    has_aux: bool = False,
+    num_rows: int | None = None,
+    **tap_kwargs: Any,
+) -> jax.Array | tuple[jax.Array, Any]:
+    """Gram of per-row loss gradients by Gram taps, never materializing them.
+
+    .. math::
+        K_{ij} = \\langle \\nabla_\\theta l_i, \\nabla_\\theta l_j \\rangle, \\qquad
+        l = \\mathrm{loss\\_fn}(\\mathrm{model}, *\\mathrm{args}) \\in \\mathbb{R}^N
+
+    restricted to the parameters in ``scope``. One forward and one backward pass (with
+    respect to the probes only) of ``sum_i l_i``.
+
+    Requires independent rows: ``l_i`` depends on row ``i`` of the batch only (true
+    for a decoder LM; not with batch-coupled ops such as batch norm), so the backward
+    of ``sum_i l_i`` carries each row's own cotangent.
+
+    Args:
+      loss_fn: ``(model, *args) -> [N]`` per-row losses (``((N,), aux)`` with ``has_aux``).
+      model: an NNX model with ``Linear`` / ``Embedding`` / ``RMSNorm`` parameters (it is
+        not modified: the taps go on a copy).
+      *args: passed to ``loss_fn``.
+      has_aux: ``loss_fn`` returns ``(losses, aux)``; then ``(K, aux)`` is returned.
+      num_rows: ``N``; default from ``jax.eval_shape`` of ``loss_fn`` (one extra trace).
+      **tap_kwargs: ``scope``, ``backend``, ``sketch_dim``, ``seed``,
+        ``tied_embeddings`` of :func:`attach_gram_taps`.
+
+    Returns:
+      ``[N, N]`` float32 Gram (and ``aux``).
+
+    Example:
+      >>> def per_rollout_loss(model, batch):          # [N]
+      ...     logits, _ = model(batch.tokens, batch.positions, batch.mask)
+      ...     return -jnp.sum(batch.weights * token_logp(logits, batch), axis=1)
+      >>> k = gram_of_loss(per_rollout_loss, model, batch, scope=r"mlp", backend="auto")
+    """
+
+    def losses_of(m: nnx.Module) -> tuple[jax.Array, Any]:
+        out = loss_fn(m, *args)
+        return out if has_aux else (out, None)
+
+    if num_rows is None:
+        graphdef, state = nnx.split(model)
+        shape = jax.eval_shape(lambda s: losses_of(nnx.merge(graphdef, s))[0], state).shape
+        if len(shape) != 1:
+            raise ValueError(
+                f"loss_fn must return per-row losses [N]; got shape {shape}. Do not sum over "
+                "the batch: the Gram needs one loss per row."
+            )
+        num_rows = shape[0]
+    graphdef, probes, params, rest = split_tapped(model, num_rows, **tap_kwargs)
+
+    def total(probes: nnx.State) -> tuple[jax.Array, Any]:
+        per_row, aux = losses_of(nnx.merge(graphdef, probes, params, rest))
+        if per_row.shape != (num_rows,):
+            raise ValueError(
+                f"loss_fn returned shape {per_row.shape}; expected per-row losses "
+                f"[{num_rows}] (num_rows)."
+            )
+        return jnp.sum(per_row), aux
+
+    probe_grads, aux = jax.grad(total, has_aux=True)(probes)
+    gram = probe_gram(probe_grads)
+    return (gram, aux) if has_aux else gram

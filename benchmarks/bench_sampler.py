@@ -25,6 +25,7 @@ Prints tokens/s for both and the ratio (goal: ours >= 3x transformers).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -54,26 +55,33 @@ CONFIG = dict(
 )
 
 
-def timed_interleaved(fns: dict, warmup: int, runs: int) -> dict[str, list[float]]:
+def timed_interleaved(
+    fns: dict, warmup: int, runs: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Warm each function up, then time them in alternation so that drifts in machine
-    load hit all of them alike."""
+    load hit all of them alike. A short pause before each call lets the other
+    framework's worker threads go idle (spinning pools would steal the 2 cores).
+    Returns wall and process-CPU seconds per call."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            time.sleep(0.2)
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - start)
-    return times
+            cpu[name].append(time.process_time() - start_cpu)
+    return times, cpu
 
 
-def summary(name: str, times: list[float], tokens: int) -> float:
+def summary(name: str, times: list[float], cpu: list[float], tokens: int) -> float:
     q1, med, q3 = np.percentile(times, [25, 50, 75])
     print(
         f"{name:>13}: median {med * 1e3:8.1f} ms  (IQR {q1 * 1e3:.1f}-{q3 * 1e3:.1f} ms)  "
-        f"{tokens / med:9.0f} tokens/s"
+        f"{tokens / med:9.0f} tokens/s   CPU time {np.median(cpu) * 1e3:8.1f} ms"
     )
     return tokens / med
 
@@ -155,10 +163,13 @@ def main() -> None:
         agree = np.mean(hf_out[:, args.prompt_len :] == ours_out.completion)
         print(f"greedy tokens agreeing with transformers: {agree:.1%}")
 
-    times = timed_interleaved({"ours": run_ours, "hf": run_hf}, 2, args.runs)
-    ours = summary("jaxrl_geom", times["ours"], n_tokens)
-    theirs = summary("transformers", times["hf"], n_tokens)
+    times, cpu = timed_interleaved({"ours": run_ours, "hf": run_hf}, 2, args.runs)
+    ours = summary("jaxrl_geom", times["ours"], cpu["ours"], n_tokens)
+    theirs = summary("transformers", times["hf"], cpu["hf"], n_tokens)
     print(f"ratio ours / transformers: {ours / theirs:.2f}x")
+    load = os.getloadavg()[0]
+    print(f"1-min load average {load:.1f} on {os.cpu_count()} cores", end="")
+    print(" (busy machine: torch's spinning OpenMP threads suffer most)" if load > 1.5 else "")
     print(f"decode step (ours): {args.batch / ours * 1e3:.2f} ms for {args.batch} rows")
 
 

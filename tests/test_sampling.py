@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -232,13 +234,16 @@ def test_greedy_matches_transformers_generate(checkpoint, prompts):
     hf_model, model, _ = checkpoint
     tokens, mask = prompts
     out = generate(model, tokens, mask, None, max_new_tokens=MAX_NEW)
+    # No stop token on either side (min_new_tokens would instead mask EOS logits).
+    config = copy.deepcopy(hf_model.generation_config)
+    config.eos_token_id = None
     with torch.inference_mode():
         hf = hf_model.generate(
             torch.from_numpy(tokens.astype(np.int64)),
             attention_mask=torch.from_numpy(mask.astype(np.int64)),
+            generation_config=config,
             do_sample=False,
             max_new_tokens=MAX_NEW,
-            min_new_tokens=MAX_NEW,
             pad_token_id=0,
         )
     np.testing.assert_array_equal(out.tokens, hf.numpy())

@@ -29,6 +29,7 @@ from jaxrl_geom.longact import longact, longact_states
 from jaxrl_geom.models import Decoder, ModelConfig
 from jaxrl_geom.models.taps import ChannelStats
 from jaxrl_geom.rl import GrpoConfig, RolloutBatch, TrainState, grpo_step
+from jaxrl_geom.salt import SaltConfig
 from jaxrl_geom.sharding import make_mesh, shard_batch, shard_model
 
 # The same sizes as ModelConfig.tiny(48, hidden 32, 2 layers, 4 heads, 2 kv heads), as
@@ -140,43 +141,46 @@ def _adamw() -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(0.01, weight_decay=0.1))
 
 
-RECIPES = {  # name -> (model config, longact link or None, GrpoConfig, mesh, steps)
-    "layer": (QWEN2, lambda: longact(keep_ratio=KEEP), CAPTURE, None, 3),
-    "layer_8dev": (QWEN2, lambda: longact(keep_ratio=KEEP), CAPTURE, (2, 4), 3),
-    "rope_pair_micro2": (
+class Recipe(NamedTuple):
+    config: ModelConfig
+    make_longact: Any  # () -> longact link, or None (plain chain)
+    grpo: GrpoConfig
+    mesh: tuple[int, int] | None = None  # (data, fsdp) on the fake devices
+    steps: int = 1
+    salt: SaltConfig | None = None
+
+
+RECIPES = {
+    "layer": Recipe(QWEN2, lambda: longact(keep_ratio=KEEP), CAPTURE, steps=3),
+    "layer_8dev": Recipe(QWEN2, lambda: longact(keep_ratio=KEEP), CAPTURE, mesh=(2, 4), steps=3),
+    "head_rope_pair_micro2": Recipe(
         QWEN2,
-        lambda: longact.from_config(QWEN2, keep_ratio=KEEP, granularity="rope_pair"),
+        lambda: longact.from_config(QWEN2, keep_ratio=KEEP, scope="head", granularity="rope_pair"),
         GrpoConfig(capture_activations=True, num_micro_batches=2),
-        None,
-        1,
     ),
-    "head": (
-        TINY,
-        lambda: longact.from_config(TINY, keep_ratio=KEEP, scope="head"),
-        CAPTURE,
-        None,
-        1,
-    ),
-    "plain": (QWEN2, None, GrpoConfig(), None, 2),
-    "keep_all": (QWEN2, lambda: longact(keep_ratio=1.0), CAPTURE, None, 2),
+    "plain": Recipe(QWEN2, None, GrpoConfig(), steps=2),
+    "keep_all": Recipe(QWEN2, lambda: longact(keep_ratio=1.0), CAPTURE, steps=2),
+    "salt": Recipe(QWEN2, lambda: longact(keep_ratio=KEEP), CAPTURE, steps=2, salt=SaltConfig()),
 }
 
 
 @functools.cache
 def run(name: str) -> Run:
     """``grpo_step`` on batches 0, 1, ... with chain(spy, clip, adamw[, longact])."""
-    config, make_longact, grpo_config, mesh_shape, steps = RECIPES[name]
-    links = [spy(config), _adamw()] + ([make_longact()] if make_longact else [])
-    model = initial_model(config)
+    recipe = RECIPES[name]
+    links = [spy(recipe.config), _adamw()]
+    if recipe.make_longact is not None:
+        links.append(recipe.make_longact())
+    model = initial_model(recipe.config)
     mesh = None
-    if mesh_shape is not None:
-        mesh = make_mesh(data=mesh_shape[0], fsdp=mesh_shape[1])
+    if recipe.mesh is not None:
+        mesh = make_mesh(data=recipe.mesh[0], fsdp=recipe.mesh[1])
         shard_model(model, mesh)
     state = TrainState.create(model, optax.chain(*links))
     out = Run([host_copy(nnx.to_pure_dict(state.params))], [], [], [], None)
-    for s in range(steps):
+    for s in range(recipe.steps):
         batch = make_batch(s) if mesh is None else shard_batch(make_batch(s), mesh)
-        state, metrics = grpo_step(state, batch, grpo_config)
+        state, metrics = grpo_step(state, batch, recipe.grpo, salt=recipe.salt)
         opt_state = host_copy(state.opt_state)
         out.params.append(host_copy(nnx.to_pure_dict(state.params)))
         out.spies.append(find(opt_state, SpyState))
@@ -265,7 +269,7 @@ def assert_exact_step(before, after, masks):
 # ------------------------------------------------------------------ 1. captured statistics
 
 
-@pytest.mark.parametrize("name", ["layer", "rope_pair_micro2"], ids=["one_batch", "micro2"])
+@pytest.mark.parametrize("name", ["layer", "head_rope_pair_micro2"], ids=["one_batch", "micro2"])
 def test_captured_stats_equal_explicit_activations(name):
     got = run(name).spies[0].stats  # what the optimizer received on batch 0
     want = oracle_stats(QWEN2, make_batch(0))
@@ -372,29 +376,42 @@ def test_keep_ratio_one_reproduces_plain_grpo_and_capture_changes_nothing():
 # ------------------------------------------------------------------ 4. granularity and scope
 
 
-def test_rope_pair_selects_whole_pairs():
-    r = run("rope_pair_micro2")
+def test_rope_pairs_are_selected_whole_and_head_scope_per_head():
+    """scope="head", granularity="rope_pair": top ceil(0.3 * hd/2) pairs of every head."""
+    r = run("head_rope_pair_micro2")
     for t in ("q", "k"):
         mask = r.masks[0][t]  # [L, C]
-        pairs = mask.reshape(NL, HEADS[t], 2, HD // 2)
+        pairs = mask.reshape(NL, HEADS[t], 2, HD // 2)  # channel j and j + hd/2
         np.testing.assert_array_equal(pairs[:, :, 0], pairs[:, :, 1])
-        np.testing.assert_array_equal(mask, np_select(r.spies[0].stats[t], t, "layer", "rope_pair"))
-        assert set(mask.sum(-1)) == {2 * math.ceil(KEEP * (HEADS[t] * HD // 2))}
+        per_head = mask.reshape(NL, HEADS[t], HD).sum(-1)
+        np.testing.assert_array_equal(per_head, 2 * math.ceil(KEEP * (HD // 2)))
+        np.testing.assert_array_equal(mask, np_select(r.spies[0].stats[t], t, "head", "rope_pair"))
     assert_exact_step(r.params[0], r.params[1], r.masks[0])
 
 
-def test_head_scope_selects_per_head():
-    r = run("head")
-    for t in ("q", "k"):
-        mask = r.masks[0][t]
-        per_head = mask.reshape(NL, HEADS[t], HD).sum(-1)
-        np.testing.assert_array_equal(per_head, math.ceil(KEEP * HD))
-        np.testing.assert_array_equal(mask, np_select(r.spies[0].stats[t], t, "head"))
-        before, after = r.params[0], r.params[1]
-        for i in range(NL):
-            k0, k1 = proj(before, i, t)["kernel"], proj(after, i, t)["kernel"]
-            assert np.array_equal(k0[:, ~mask[i]], k1[:, ~mask[i]])
-            assert np.all(k0[:, mask[i]] != k1[:, mask[i]])
+# ------------------------------------------------------------------ 6. with SALT
+
+
+def test_salt_then_longact_keeps_frozen_columns_and_logs_both():
+    """grpo_step(salt=...) reweights the advantages; the LongAct link still masks the
+    final update exactly, from statistics captured in SALT's own forward pass."""
+    r, plain = run("salt"), run("layer")
+    for s, masks in enumerate(r.masks):
+        for t in ("q", "k"):
+            np.testing.assert_array_equal(masks[t], np_select(r.spies[s].stats[t], t))
+        assert_exact_step(r.params[s], r.params[s + 1], masks)
+        metrics = r.metrics[s]
+        assert {"salt/kappa_before", "salt/gamma", "salt/rank"} <= set(metrics)
+        assert "longact/q_overlap" in metrics and float(metrics["salt/ok"]) == 1.0
+    for t in ("q", "k"):  # batch 0, same start: the same statistics as the plain path
+        for f in ("sum_abs", "sum_sq", "max_abs", "count"):
+            np.testing.assert_allclose(
+                getattr(r.spies[0].stats[t], f), getattr(plain.spies[0].stats[t], f), rtol=1e-6
+            )
+    # SALT did change the update (gamma > 0): not the plain GRPO gradient
+    assert float(r.metrics[0]["salt/gamma"]) > 0
+    g_salt, g_plain = (jax.tree.leaves(x.spies[0].grads) for x in (r, plain))
+    assert any(not np.allclose(a, b, rtol=1e-3) for a, b in zip(g_salt, g_plain, strict=True))
 
 
 # ------------------------------------------------------------------ 5. bad configuration

@@ -25,7 +25,8 @@ TINY = [
 def test_config_file_and_overrides(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("grpo:\n  loss_type: dapo\n  eps_high: 0.28\nsteps: 7\n")
-    cfg = load_config(path, ["grpo.beta=0.04", "sampling.top_p=0.9"])
+    cfg = load_config(path, ["grpo.beta=0.04", "sampling.top_p=0.9", "optim.learning_rate=5e-4"])
+    assert cfg.optim.learning_rate == 5e-4
     assert isinstance(cfg, TrainConfig)
     assert (cfg.grpo.loss_type, cfg.grpo.eps_high, cfg.grpo.beta) == ("dapo", 0.28, 0.04)
     assert cfg.steps == 7 and cfg.sampling.top_p == 0.9

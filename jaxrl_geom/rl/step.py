@@ -305,9 +305,11 @@ def grpo_step(
       with a LongAct link, ``longact/<q|k>_{selected_fraction,overlap,concentration}``.
 
     Raises:
-      ValueError: the optimizer has a ``longact()`` link but
-        ``config.capture_activations`` is False.
+      ValueError: a malformed batch (:func:`validate_batch`: empty, misaligned
+        shapes, ``num_micro_batches`` not dividing N), or the optimizer has a
+        ``longact()`` link but ``config.capture_activations`` is False.
     """
+    validate_batch(batch, config)  # shapes are static: raises while tracing, before XLA
     check_capture(state.opt_state, config.capture_activations)
     n = batch.tokens.shape[0]
     completion_mask = batch.completion_mask

@@ -35,8 +35,8 @@ class ModelSpec:
     preset: Literal["tiny"] = "tiny"
     path: str = ""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    hidden_size: int = 128
-    num_layers: int = 4
+    hidden_size: int = 64
+    num_layers: int = 2
     remat: bool = False
 
 
@@ -52,7 +52,7 @@ class TaskSpec:
 class WarmupConfig:
     """Supervised warm-up on task demonstrations before GRPO."""
 
-    steps: int = 300
+    steps: int = 900
     batch_size: int = 64
     learning_rate: float = 3e-3
 
@@ -67,7 +67,7 @@ class SamplingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     b1: float = 0.9
@@ -133,7 +133,7 @@ class TrainConfig:
     salt: SaltSpec = SaltSpec()
     longact: LongActSpec = LongActSpec()
     mesh: MeshSpec = MeshSpec()
-    steps: int = 40
+    steps: int = 80
     prompts_per_step: int = 16
     num_generations: int = 8
     num_iterations: int = 1

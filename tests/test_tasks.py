@@ -71,7 +71,8 @@ def test_kv_answer_is_value_of_queried_key(kwargs):
 def test_kv_context_grows_with_num_pairs():
     rng = np.random.default_rng(1)
     lengths = [
-        len(KVRetrievalTask(num_pairs=m).sample_prompts(rng, 1)[0].prompt) for m in (1, 2, 4, 8, 32)
+        len(KVRetrievalTask(num_pairs=m, key_len=2).sample_prompts(rng, 1)[0].prompt)
+        for m in (1, 2, 4, 8, 32)
     ]
     assert lengths == sorted(lengths) and len(set(lengths)) == 5
     # hand count for 2-letter keys, 2-digit values: "ab=12" + ";" per pair, "\n?ab=" query
@@ -80,10 +81,10 @@ def test_kv_context_grows_with_num_pairs():
 
 @pytest.mark.parametrize("context_chars", [10, 64, 100, 1000])
 def test_kv_context_chars_target(context_chars):
-    task = KVRetrievalTask(context_chars=context_chars)
+    task = KVRetrievalTask(context_chars=context_chars, key_len=2)
     (example,) = task.sample_prompts(np.random.default_rng(2), 1)
     pairs, _ = _parse_kv(example.prompt)
-    # the prompt fits, and one more pair (6 characters) would not
+    # the prompt fits, and one more pair ("ab=12;", 6 characters) would not
     assert len(example.prompt) <= context_chars < len(example.prompt) + 6
     assert len(pairs) == task.pairs_per_prompt
 
@@ -118,10 +119,13 @@ def test_kv_validation():
         KVRetrievalTask(num_pairs=27, key_len=1)
     with pytest.raises(ValueError, match="separators"):
         KVRetrievalTask(key_alphabet="ab=")
-    with pytest.raises(ValueError, match="at least 10"):
-        KVRetrievalTask(context_chars=9)
+    # one pair "a=12" plus the query "\n?a=" is 8 characters
+    with pytest.raises(ValueError, match="at least 8"):
+        KVRetrievalTask(context_chars=7)
     with pytest.raises(ValueError, match="num_pairs"):
         KVRetrievalTask(num_pairs=0)
+    with pytest.raises(ValueError, match="raise key_len"):
+        KVRetrievalTask(context_chars=1000)  # 199 one-letter keys do not exist
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -178,7 +182,7 @@ def test_arithmetic_validation():
 _SYNTHETIC = [
     KVRetrievalTask(),
     KVRetrievalTask(num_pairs=16, key_len=3, value_len=3),
-    KVRetrievalTask(context_chars=500),
+    KVRetrievalTask(context_chars=500, key_len=2),
     ArithmeticTask(),
     ArithmeticTask(num_digits=4, operations=("+", "-", "*")),
 ]

@@ -14,8 +14,14 @@ digit, scaled by ``partial_scale`` (< 1, so only an exact answer scores 1):
     r = s \\cdot \\frac{\\#\\{j : \\hat y_{-j} = y_{-j}\\}}{\\max(|\\hat y|, |y|)}
 
 where :math:`y_{-j}` is the j-th character from the right and :math:`|y|` the
-length (sign included). The default, 2-digit addition, is learnable by a tiny model
-trained from scratch in a few hundred supervised steps.
+length (sign included).
+
+Measured on CPU for the default, 2-digit addition (from scratch, hidden 128, 4
+layers, supervised warm-up only, batch 64, adamw lr 3e-3, one seed; teacher-forced
+exact accuracy on 256 held-out prompts): 0.016 after 200 steps, 0.055 after 300,
+0.11 after 500 (loss 1.43 -> 0.80). At 0.1 accuracy a group of 8 rollouts holds a
+correct one about half the time, enough signal for GRPO; use ``num_digits=1`` for a
+faster start.
 """
 
 from __future__ import annotations

@@ -2,24 +2,29 @@
 
 The context lists ``num_pairs`` random ``key=value`` pairs with distinct keys; the
 query names one of them and the answer is its value. Prompt format (defaults:
-2-letter keys, 2-digit values)::
+1-letter keys, 2-digit values, 4 pairs)::
 
-    ab=07;qz=41;mc=93;ke=10
-    ?mc=
+    a=07;q=41;m=93;k=10
+    ?m=
 
-answer ``93``. That is ``";".join(f"{k}={v}")`` over the pairs, a newline, then
-``"?" + key + "="``; the demonstration is the value and the model should stop (EOS)
-after it. A prompt has ``num_pairs * (key_len + value_len + 2) + key_len + 2``
-characters, so the context grows linearly with ``num_pairs`` (or set
-``context_chars`` and the number of pairs is derived from it). The queried pair is
-uniform over positions (depths).
+answer ``93``; with ``key_len=2`` the keys read ``ab=07;...``. That is
+``";".join(f"{k}={v}")`` over the pairs, a newline, then ``"?" + key + "="``; the
+demonstration is the value and the model should stop (EOS) after it. A prompt has
+``num_pairs * (key_len + value_len + 2) + key_len + 2`` characters, so the context
+grows linearly with ``num_pairs`` (or set ``context_chars`` and the number of pairs
+is derived from it). The queried pair is uniform over positions (depths).
 
-Reward: 1.0 when the first line of the completion, stripped, equals the value,
-else 0.0.
+Reward: 1.0 when the first line of the completion, stripped, equals the value, else
+0.0.
 
-At the defaults (4 pairs, 28-character prompts) a from-scratch model with hidden
-size 128 and 4 layers learns to copy the queried value after a short supervised
-warm-up; raise ``num_pairs`` or ``context_chars`` for long-context runs.
+Learnability, measured on CPU (from scratch, hidden 128, 4 layers, supervised
+warm-up only, batch 64, adamw lr 1e-3, one seed; teacher-forced exact accuracy on
+256 held-out prompts): with the defaults it stays near 0.1 (copying a random one of
+the four values would score 0.25) for ~500 steps, then jumps to 0.24-0.29 by steps
+600-900 (loss 1.36 -> 0.5), which leaves GRPO a reward signal. With ``key_len=2`` it
+was still at 0.09-0.17 after 700 steps (and lr 3e-3 was worse), hence one-letter
+keys by default. Raise ``num_pairs`` (up to 26 with 1-letter keys), ``key_len`` or
+``context_chars`` for long-context runs.
 
 References:
   Hsieh et al., "RULER: What's the Real Context Size of Your Long-Context
@@ -73,7 +78,7 @@ class KVRetrievalTask(Task):
     """
 
     num_pairs: int = 4
-    key_len: int = 2
+    key_len: int = 1
     value_len: int = 2
     context_chars: int | None = None
     key_alphabet: str = string.ascii_lowercase

@@ -81,10 +81,13 @@ class SaltSpec:
     enabled: bool = False
     gamma_max: float = 1.0
     power: float = 1.0
-    energy: float = 0.9
+    energy: float | None = None
     max_rank: int | None = None
     renorm: Literal["update_norm", "coef_norm", "none"] = "update_norm"
-    backend: Literal["vmap", "ghost", "sketch", "auto"] = "ghost"
+    recenter: bool = False
+    scope: str | None = None
+    backend: Literal["auto", "ghost", "tiled", "sketch"] = "auto"
+    sketch_dim: int = 64
 
 
 @dataclasses.dataclass(frozen=True)

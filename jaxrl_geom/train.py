@@ -402,15 +402,9 @@ def _salt_config(cfg: TrainConfig) -> Any:
         return None
     from jaxrl_geom.salt import SaltConfig
 
-    s = cfg.salt
-    return SaltConfig(
-        gamma_max=s.gamma_max,
-        power=s.power,
-        energy=s.energy,
-        max_rank=s.max_rank,
-        renorm=s.renorm,
-        backend=s.backend,
-    )
+    s = dataclasses.asdict(cfg.salt)
+    del s["enabled"]
+    return SaltConfig(**s)
 
 
 def load_policy(run_dir: str | Path) -> tuple[nnx.Module, TrainConfig]:

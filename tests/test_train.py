@@ -82,3 +82,34 @@ def test_train_resume_eval(tmp_path, capsys):
     assert cli.main(["eval", str(out), "--prompts", "8"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert 0.0 <= scores["eval/reward_mean"] <= 1.0
+
+
+def test_train_with_salt_longact_dapo(tmp_path):
+    """The main job with every option on: DAPO loss + dynamic sampling + overlong
+    punishment, SALT (ghost Gram) and LongAct (last link of the chain)."""
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--no-progress",
+        f"output_dir={out}",
+        "steps=1",
+        *TINY,
+        "grpo.loss_type=dapo",
+        "grpo.eps_high=0.28",
+        "dynamic_sampling=true",
+        "max_sampling_tries=2",
+        "overlong_buffer=2",
+        "salt.enabled=true",
+        "longact.enabled=true",
+    ]
+    assert cli.main(args) == 0
+    (row,) = [r for r in read_jsonl(out / "metrics.jsonl") if "reward/mean" in r]
+    for key in (
+        "salt/kappa_before",
+        "salt/gamma",
+        "longact/q_selected_fraction",
+        "dynamic_sampling/tries",
+        "dynamic_sampling/filled_fraction",
+    ):
+        assert key in row, key
+    assert 1.0 <= row["dynamic_sampling/tries"] <= 2.0

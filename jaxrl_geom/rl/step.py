@@ -195,6 +195,18 @@ def policy_logprobs(
     return lp.token_logprobs(completion_logits(model, batch), targets, temperature)
 
 
+def forward_with_stats(
+    model: nnx.Module, batch: RolloutBatch, capture: bool
+) -> tuple[jax.Array, dict[str, taps.ChannelStats] | None]:
+    """Completion logits ``[N, L, V]`` and, with ``capture``, the per-layer q/k channel
+    statistics of this forward pass (reductions only, via ``nnx.capture``)."""
+    if not capture:
+        return completion_logits(model, batch), None
+    taps.set_qk_capture(model, True)
+    logits, intermediates = nnx.capture(completion_logits, nnx.Intermediate)(model, batch)
+    return logits, taps.collect_qk_stats(intermediates)
+
+
 def _loss(
     params: nnx.State,
     rest: nnx.State,
@@ -207,9 +219,7 @@ def _loss(
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
     """Micro-batch share of the loss: numerator / (global denominator)."""
     model = nnx.merge(graphdef, params, rest)
-    if config.capture_activations:
-        taps.set_qk_capture(model, True)
-    logits = completion_logits(model, batch)  # [n, L, V]
+    logits, stats = forward_with_stats(model, batch, config.capture_activations)  # [n, L, V]
     targets = batch.tokens[:, -batch.completion_mask.shape[1] :]  # [n, L]
     logp = lp.token_logprobs(logits, targets, config.temperature)  # [n, L]
     terms = losses.policy_loss(
@@ -231,9 +241,6 @@ def _loss(
     entropy = lp.token_entropy(jax.lax.stop_gradient(logits), config.temperature)
     metrics = dict(terms.metrics)
     metrics["entropy_sum"] = jnp.sum(entropy * mask)
-    stats = None
-    if config.capture_activations:
-        stats = taps.collect_qk_stats(nnx.state(model, nnx.Intermediate))
     return terms.numerator / terms.denominator, (metrics, stats)
 
 

@@ -93,9 +93,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy")
+    parser.add_argument(
+        "--torch-threads", type=int, default=2, help="1 is fairer to torch on a busy machine"
+    )
     args = parser.parse_args()
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
     hf_config = LlamaConfig(**CONFIG)
     rng = np.random.default_rng(0)

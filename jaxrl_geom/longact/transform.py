@@ -26,6 +26,7 @@ import optax
 
 from jaxrl_geom.longact import mask as mask_lib
 from jaxrl_geom.longact.stats import Statistic, channel_scores, check_statistic, update_ema
+from jaxrl_geom.param_paths import path_to_str
 
 Refresh = Literal["step", "ema", "fixed"]
 REFRESH_MODES: tuple[str, ...] = get_args(Refresh)
@@ -434,23 +435,6 @@ def _compile_pattern(param_pattern: str) -> re.Pattern:
             f"{sorted(missing)}. Start from DEFAULT_PARAM_PATTERN."
         )
     return pattern
-
-
-def path_to_str(path: tuple[Any, ...]) -> str:
-    """'.'-joined key names of a JAX key path (dict keys, attributes, indices)."""
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(key.key))
-        else:
-            parts.append(str(key))
-    return ".".join(parts)
 
 
 def _match(pattern: re.Pattern, path: tuple[Any, ...]) -> tuple[int, str, str] | None:

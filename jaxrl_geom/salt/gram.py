@@ -29,6 +29,8 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from jaxrl_geom.param_paths import path_to_str
+
 PyTree = Any
 Scope = str | Callable[[str, Any], bool] | None
 
@@ -91,30 +93,6 @@ def per_sample_grads(
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}.")
     return jax.lax.map(lambda example: grad_fn(params, example), batch, batch_size=chunk_size)
-
-
-def path_to_str(path: tuple) -> str:
-    """Join a pytree key path with '.': dict keys, attribute names and indices.
-
-    ``{"layers": [{"mlp": {"kernel": x}}]}`` -> ``"layers.0.mlp.kernel"``. A trailing
-    ``.value`` attribute (the array inside a Flax NNX ``Variable``) is dropped, so an
-    ``nnx.State`` gives the same ``"layers.0.mlp.kernel"``.
-    """
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        path = path[:-1]
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(key.key))
-        else:
-            parts.append(str(key))
-    return ".".join(parts)
 
 
 def check_scope(scope: Scope) -> None:

@@ -25,7 +25,13 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxrl_geom.longact import longact, longact_states
+from jaxrl_geom.longact import (
+    check_capture,
+    longact,
+    longact_metrics,
+    longact_states,
+    longact_wrap,
+)
 from jaxrl_geom.models import Decoder, ModelConfig
 from jaxrl_geom.models.taps import ChannelStats
 from jaxrl_geom.rl import GrpoConfig, RolloutBatch, TrainState, grpo_step
@@ -347,6 +353,33 @@ def test_step_metrics_report_longact_diagnostics():
     # the full [L] arrays stay in the optimizer state
     assert optax.tree.get(r.opt_state, "mask_overlap")["k"].shape == (NL,)
     assert not any(k.startswith("longact/") for k in run("plain").metrics[0])
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: optax.chain(optax.adamw(0.1), longact()),
+        lambda: longact_wrap(optax.adamw(0.1), mask_gradients=True),
+        lambda: optax.chain(optax.clip(1.0), optax.chain(optax.adamw(0.1), longact())),
+        lambda: optax.MultiSteps(optax.chain(optax.adamw(0.1), longact()), 2),
+    ],
+    ids=["chain_last", "wrapper", "nested_chain", "multi_steps"],
+)
+def test_longact_state_is_found_in_any_optimizer_nesting(make_tx):
+    params = nnx.state(initial_model(TINY), nnx.Param)
+    opt_state = make_tx().init(params)
+    (state,) = longact_states(opt_state)
+    assert state.masks["q"].shape == (NL, 4 * HD)
+    metrics = longact_metrics(opt_state)
+    assert sorted(metrics) == sorted(
+        f"longact/{t}_{m}" for t in "qk" for m in ("selected_fraction", "overlap", "concentration")
+    )
+    assert all(np.shape(v) == () for v in metrics.values())
+    with pytest.raises(ValueError, match=r"GrpoConfig\(capture_activations=True\)"):
+        check_capture(opt_state, capture_activations=False)
+    check_capture(opt_state, capture_activations=True)
+    check_capture(optax.adamw(0.1).init(params), capture_activations=False)  # no longact: fine
+    assert longact_metrics(optax.adamw(0.1).init(params)) == {}
 
 
 # ------------------------------------------------------------------ 3. + 7. keep all == plain

@@ -104,11 +104,13 @@ class SpyState(NamedTuple):
 
 def spy(config: ModelConfig) -> optax.GradientTransformationExtraArgs:
     """Identity link recording the gradient and ``activation_stats=`` it receives."""
-    widths = {"q": 4 * HD, "k": 2 * HD}
+    layers, hd = config.num_hidden_layers, config.head_dim
+    widths = {"q": config.num_attention_heads * hd, "k": config.num_key_value_heads * hd}
 
     def init(params):
         zero = {
-            t: ChannelStats(*(jnp.zeros((NL, c)),) * 3, jnp.zeros((NL,))) for t, c in widths.items()
+            t: ChannelStats(*(jnp.zeros((layers, c)),) * 3, jnp.zeros((layers,)))
+            for t, c in widths.items()
         }
         return SpyState(jax.tree.map(jnp.zeros_like, params), zero)
 

@@ -13,6 +13,7 @@ from jaxrl_geom.salt.ghost import (
     GramProbe,
     attach_gram_taps,
     gram_of_loss,
+    probe_blocks,
     probe_gram,
     tied_cross_gram,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "gram_of_loss",
     "path_to_str",
     "per_sample_grads",
+    "probe_blocks",
     "probe_gram",
     "reweight",
     "salt",

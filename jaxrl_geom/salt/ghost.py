@@ -64,7 +64,6 @@ from jaxrl_geom.salt.gram import (
     in_scope,
     path_to_str,
     scale_gram,
-    sketch_dense_gram,
 )
 
 BACKENDS: tuple[str, ...] = ("auto", "ghost", "tiled", "sketch")
@@ -72,6 +71,10 @@ BACKENDS: tuple[str, ...] = ("auto", "ghost", "tiled", "sketch")
 
 class GramProbe(nnx.Variable):
     """A zero ``[N, N]`` input of one tap; its cotangent is the tap's Gram block."""
+
+
+class SketchProjection(nnx.Variable):
+    """A fixed random projection ``[d, k]`` of a sketched dense op (never trained)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +85,8 @@ class _TapSpec:
     weight: bool  # the kernel / table / scale is in scope
     bias: bool  # the bias is in scope (Linear only)
     backend: str  # dense blocks: "auto" | "ghost" | "tiled" | "sketch"
-    sketch_dim: int
-    seed: int
     vocab_size: int = 0  # Embedding only
     tied: bool = False  # Embedding only: the table is also the LM head
-
-    def sketch_key(self) -> jax.Array:
-        """Fixed projection key of this layer: ``fold_in(key(seed), crc32(path))``."""
-        return jax.random.fold_in(jax.random.key(self.seed), zlib.crc32(self.path.encode()))
 
 
 # ----------------------------------------------------------------------------------------
@@ -102,15 +99,27 @@ def _rows(a: jax.Array) -> jax.Array:
     return a.reshape(a.shape[0], -1, a.shape[-1])
 
 
-def _dense_block(x: jax.Array, d: jax.Array, spec: _TapSpec, *, weight: bool) -> jax.Array:
+def _sketch_gram(x: jax.Array, d: jax.Array, r_in: jax.Array, r_out: jax.Array) -> jax.Array:
+    """``<R_in^T X_i^T D_i R_out, R_in^T X_j^T D_j R_out>_F``: the Kronecker sketch of
+    :func:`jaxrl_geom.salt.sketch_dense_gram` (same ``N(0, 1/k)`` factors, so the same
+    unbiasedness and variance) with the projections given instead of drawn."""
+    xs = jnp.einsum("itd,dk->itk", x, r_in, precision=_HI)  # [N, T, k_in]
+    ds = jnp.einsum("ite,el->itl", d, r_out, precision=_HI)  # [N, T, k_out]
+    psi = jnp.einsum("itk,itl->ikl", xs, ds, precision=_HI)  # [N, k_in, k_out]
+    flat = psi.reshape(psi.shape[0], -1)  # [N, k_in * k_out]
+    return jnp.dot(flat, flat.T, precision=_HI)
+
+
+def _dense_block(
+    x: jax.Array, d: jax.Array, spec: _TapSpec, projections: tuple, *, weight: bool
+) -> jax.Array:
     """Gram of a dense op ``y = x W (+ b)`` from its input and output cotangent."""
     x, d = _rows(x).astype(jnp.float32), _rows(d).astype(jnp.float32)  # [N, T, *]
     n = x.shape[0]
     gram = jnp.zeros((n, n), jnp.float32)
     if weight:
         if spec.backend == "sketch":
-            k = spec.sketch_dim
-            gram = sketch_dense_gram(x, d, spec.sketch_key(), k, k)
+            gram = _sketch_gram(x, d, *projections)
         else:
             gram = dense_gram(x, d, backend=spec.backend)
     if spec.bias:
@@ -164,18 +173,22 @@ def _int_cotangent(x: jax.Array) -> np.ndarray:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dense_tap(spec: _TapSpec, y: jax.Array, x: jax.Array, probe: jax.Array) -> jax.Array:
-    del x, probe
+def _dense_tap(
+    spec: _TapSpec, y: jax.Array, x: jax.Array, probe: jax.Array, projections: tuple
+) -> jax.Array:
+    del x, probe, projections
     return y
 
 
-def _dense_tap_fwd(spec, y, x, probe):
+def _dense_tap_fwd(spec, y, x, probe, projections):
     del probe
-    return y, x
+    return y, (x, projections)
 
 
-def _dense_tap_bwd(spec, x, dy):
-    return dy, jnp.zeros_like(x), _dense_block(x, dy, spec, weight=spec.weight)
+def _dense_tap_bwd(spec, residuals, dy):
+    x, projections = residuals
+    gram = _dense_block(x, dy, spec, projections, weight=spec.weight)
+    return dy, jnp.zeros_like(x), gram, jax.tree.map(jnp.zeros_like, projections)
 
 
 _dense_tap.defvjp(_dense_tap_fwd, _dense_tap_bwd)
@@ -220,10 +233,10 @@ _lookup_tap.defvjp(_lookup_tap_fwd, _lookup_tap_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _tied_lookup_tap(
-    spec: _TapSpec, y: jax.Array, tokens: jax.Array, probe: jax.Array
+    spec: _TapSpec, y: jax.Array, tokens: jax.Array, probe: jax.Array, projections: tuple
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Identity on ``y`` plus the zero carrier ``(h-shaped, logits-shaped)``."""
-    del tokens, probe
+    del tokens, probe, projections
     return y, _zero_carrier(spec, y)
 
 
@@ -232,21 +245,23 @@ def _zero_carrier(spec: _TapSpec, y: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.zeros((n, t, d), jnp.float32), jnp.zeros((n, t, spec.vocab_size), jnp.float32)
 
 
-def _tied_lookup_tap_fwd(spec, y, tokens, probe):
+def _tied_lookup_tap_fwd(spec, y, tokens, probe, projections):
     del probe
-    return (y, _zero_carrier(spec, y)), tokens
+    return (y, _zero_carrier(spec, y)), (tokens, projections)
 
 
-def _tied_lookup_tap_bwd(spec, tokens, cotangents):
+def _tied_lookup_tap_bwd(spec, residuals, cotangents):
+    tokens, projections = residuals
     dy, (h, d_logits) = cotangents  # the carrier's cotangent is the head's (h, D^logits)
     cross = tied_cross_gram(tokens, dy, h, d_logits)
     gram = (
         embedding_ghost_gram(tokens, dy, spec.vocab_size)
-        + _dense_block(h, d_logits, spec, weight=True)
+        + _dense_block(h, d_logits, spec, projections, weight=True)
         + cross
         + cross.T
     )
-    return dy, _int_cotangent(tokens), gram
+    zeros = jax.tree.map(jnp.zeros_like, projections)
+    return dy, _int_cotangent(tokens), gram, zeros
 
 
 _tied_lookup_tap.defvjp(_tied_lookup_tap_fwd, _tied_lookup_tap_bwd)
@@ -280,13 +295,19 @@ class _Tap(nnx.Module):
     def __init__(self, num_rows: int, spec: _TapSpec):
         self.probe = GramProbe(jnp.zeros((num_rows, num_rows), jnp.float32))
         self.spec = spec
+        self.r_in = nnx.data(None)  # SketchProjection [d_in, k] when sketched
+        self.r_out = nnx.data(None)  # SketchProjection [d_out, k] when sketched
+
+    def projections(self) -> tuple:
+        """``(R_in, R_out)`` of a sketched dense block, else ``()``."""
+        return () if self.r_in is None else (self.r_in[...], self.r_out[...])
 
 
 class DenseTap(_Tap):
     """Tap of a ``Linear``: Gram of its kernel (and bias) gradients."""
 
     def __call__(self, y: jax.Array, x: jax.Array) -> jax.Array:
-        return _dense_tap(self.spec, y, x, self.probe[...])
+        return _dense_tap(self.spec, y, x, self.probe[...], self.projections())
 
 
 class ScaleTap(_Tap):
@@ -306,7 +327,9 @@ class EmbeddingTap(_Tap):
     def __call__(self, y: jax.Array, tokens: jax.Array) -> jax.Array:
         if not self.spec.tied:
             return _lookup_tap(self.spec, y, tokens, self.probe[...])
-        y, self.carrier = _tied_lookup_tap(self.spec, y, tokens, self.probe[...])
+        y, self.carrier = _tied_lookup_tap(
+            self.spec, y, tokens, self.probe[...], self.projections()
+        )
         return y
 
     def attend(self, logits: jax.Array, h: jax.Array) -> jax.Array:
@@ -341,7 +364,7 @@ def attach_gram_taps(
     scope: Scope = None,
     backend: str = "auto",
     sketch_dim: int = 64,
-    seed: int = 0,
+    seed: int | jax.Array = 0,
     tied_embeddings: bool | None = None,
 ) -> tuple[str, ...]:
     """Set a Gram tap on every ``Linear`` / ``Embedding`` / ``RMSNorm`` with a parameter in scope.
@@ -359,7 +382,8 @@ def attach_gram_taps(
         callable ``(path_str, parameter_value) -> bool``.
       backend: dense-op Gram backend, ``"auto"`` | ``"ghost"`` | ``"tiled"`` | ``"sketch"``.
       sketch_dim: sketch size per factor (``backend="sketch"``).
-      seed: seed of the sketch projections (fixed per layer path).
+      seed: seed of the sketch projections, an int or a traced integer scalar (the
+        projections are fixed per ``(seed, layer path)``).
       tied_embeddings: whether the embedding table is also the LM head (``attend``);
         default ``model.config.tie_word_embeddings`` when the model has a config.
 
@@ -377,8 +401,11 @@ def attach_gram_taps(
         raise ValueError(f"num_rows must be a positive int (the batch size N); got {num_rows!r}.")
     if tied_embeddings is None:
         tied_embeddings = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", 0))
-    spec = functools.partial(_TapSpec, backend=backend, sketch_dim=sketch_dim, seed=seed)
+    if backend == "sketch" and not (isinstance(sketch_dim, int) and sketch_dim >= 1):
+        raise ValueError(f"sketch_dim must be a positive int; got {sketch_dim!r}.")
+    spec = functools.partial(_TapSpec, backend=backend)
     covered: list[str] = []
+    sketched: list[tuple[_Tap, int, int]] = []  # (tap, d_in, d_out) of sketched dense blocks
     for path, module in list(nnx.iter_modules(model)):
         prefix = ".".join(str(p) for p in path)
         if isinstance(module, Linear):
@@ -389,20 +416,28 @@ def attach_gram_taps(
             covered += [_join(path, "kernel")] * kernel + [_join(path, "bias")] * bias
             if kernel or bias:
                 module.gram_tap = DenseTap(num_rows, spec(path=prefix, weight=kernel, bias=bias))
+                if kernel:
+                    sketched.append((module.gram_tap, *module.kernel.shape))
         elif isinstance(module, Embedding):
             if in_scope(scope, _join(path, "embedding"), module.embedding[...]):
                 covered.append(_join(path, "embedding"))
-                vocab = module.embedding.shape[0]
-                module.gram_tap = EmbeddingTap(
-                    num_rows,
-                    spec(
-                        path=prefix, weight=True, bias=False, vocab_size=vocab, tied=tied_embeddings
-                    ),
+                table = spec(
+                    path=prefix,
+                    weight=True,
+                    bias=False,
+                    vocab_size=module.embedding.shape[0],
+                    tied=tied_embeddings,
                 )
+                module.gram_tap = EmbeddingTap(num_rows, table)
+                if tied_embeddings:  # the head half h E^T: a dense block [D, V]
+                    sketched.append((module.gram_tap, *module.embedding.shape[::-1]))
         elif isinstance(module, RMSNorm):
             if in_scope(scope, _join(path, "scale"), module.scale[...]):
                 covered.append(_join(path, "scale"))
                 module.gram_tap = ScaleTap(num_rows, spec(path=prefix, weight=True, bias=False))
+
+    if backend == "sketch":
+        _draw_projections(sketched, sketch_dim, seed)
 
     params = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
     wanted = {path_to_str(p) for p, leaf in params if in_scope(scope, path_to_str(p), leaf)}
@@ -422,9 +457,43 @@ def attach_gram_taps(
     return tuple(sorted(covered))
 
 
+def _draw_projections(sketched: list[tuple[_Tap, int, int]], k: int, seed: int | jax.Array) -> None:
+    """Give every sketched block fixed ``N(0, 1/k)`` projections ``R_in [d_in, k]``,
+    ``R_out [d_out, k]``, keyed by ``(seed, module path, side)``.
+
+    Drawn in one vmapped call per distinct ``d`` (a handful per model) with the
+    ``rbg`` generator from key data ``[seed, crc32(path.side), 0, 0]``: the draws depend
+    on constants only, and XLA constant-folds threefry (also used by ``fold_in``) at
+    compile time, slowly (seconds per layer); RngBitGenerator is not folded.
+    """
+    requests = [(tap, "r_in", d_in) for tap, d_in, _ in sketched]
+    requests += [(tap, "r_out", d_out) for tap, _, d_out in sketched]
+    for dim in sorted({d for *_, d in requests}):
+        group = [(tap, side) for tap, side, d in requests if d == dim]
+        ids = np.asarray([zlib.crc32(f"{t.spec.path}.{side}".encode()) for t, side in group])
+        seeds = jnp.full(ids.shape, seed, jnp.uint32)  # seed may be traced
+        zeros = np.zeros(ids.shape, np.uint32)
+        key_data = jnp.stack([seeds, ids.astype(np.uint32), zeros, zeros], axis=1)  # [G, 4]
+        keys = jax.random.wrap_key_data(key_data, impl="rbg")
+        draws = jax.vmap(lambda key, dim=dim: jax.random.normal(key, (dim, k), jnp.float32))(keys)
+        draws = draws / np.sqrt(np.float32(k))  # [G, dim, k]
+        for (tap, side), r in zip(group, draws, strict=True):
+            setattr(tap, side, SketchProjection(r))
+
+
 def probe_gram(probe_grads: Any) -> jax.Array:
     """The Gram: the sum of the probes' cotangents (one ``[N, N]`` block per tapped op)."""
     return sum(jax.tree_util.tree_leaves(probe_grads))
+
+
+def probe_blocks(probe_grads: Any) -> dict[str, jax.Array]:
+    """The per-op Gram blocks ``{module path: [N, N]}`` (e.g. ``"layers.0.mlp.up_proj"``;
+    a Linear's block covers its kernel and bias, a tied table's its lookup and head)."""
+    suffix = ".gram_tap.probe"
+    return {
+        path_to_str(path).removesuffix(suffix): block
+        for path, block in jax.tree_util.tree_leaves_with_path(probe_grads)
+    }
 
 
 def split_tapped(
@@ -432,9 +501,11 @@ def split_tapped(
 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
     """A tapped copy of ``model`` split as ``(graphdef, probes, params, rest)``.
 
-    ``nnx.merge(graphdef, probes, params, rest)`` rebuilds it; ``params`` has the
-    structure of ``nnx.state(model, nnx.Param)``, so the original parameter state can
-    be passed in its place (and differentiated). ``tap_kwargs``: as
+    ``nnx.merge(graphdef, probes, params, rest, copy=True)`` rebuilds it inside a
+    differentiated function (``copy=True``: Variables of this trace level, which
+    ``nnx.remat`` needs); ``params`` has the structure of
+    ``nnx.state(model, nnx.Param)``, so the original parameter state can be passed in
+    its place (and differentiated). ``tap_kwargs``: as
     :func:`attach_gram_taps`.
     """
     tapped = nnx.merge(*nnx.split(model))
@@ -448,8 +519,9 @@ def gram_of_loss(
     *args: Any,
     has_aux: bool = False,
     num_rows: int | None = None,
+    per_op: bool = False,
     **tap_kwargs: Any,
-) -> jax.Array | tuple[jax.Array, Any]:
+) -> Any:
     """Gram of per-row loss gradients by Gram taps, never materializing them.
 
     .. math::
@@ -470,11 +542,13 @@ def gram_of_loss(
       *args: passed to ``loss_fn``.
       has_aux: ``loss_fn`` returns ``(losses, aux)``; then ``(K, aux)`` is returned.
       num_rows: ``N``; default from ``jax.eval_shape`` of ``loss_fn`` (one extra trace).
+      per_op: return the per-op blocks ``{module path: [N, N]}`` (:func:`probe_blocks`,
+        e.g. per-layer geometry) instead of their sum.
       **tap_kwargs: ``scope``, ``backend``, ``sketch_dim``, ``seed``,
         ``tied_embeddings`` of :func:`attach_gram_taps`.
 
     Returns:
-      ``[N, N]`` float32 Gram (and ``aux``).
+      ``[N, N]`` float32 Gram, or the per-op blocks (and ``aux``).
 
     Example:
       >>> def per_rollout_loss(model, batch):          # [N]
@@ -489,7 +563,8 @@ def gram_of_loss(
 
     if num_rows is None:
         graphdef, state = nnx.split(model)
-        shape = jax.eval_shape(lambda s: losses_of(nnx.merge(graphdef, s))[0], state).shape
+        rows = lambda s: losses_of(nnx.merge(graphdef, s, copy=True))[0]
+        shape = jax.eval_shape(rows, state).shape
         if len(shape) != 1:
             raise ValueError(
                 f"loss_fn must return per-row losses [N]; got shape {shape}. Do not sum over "
@@ -499,7 +574,8 @@ def gram_of_loss(
     graphdef, probes, params, rest = split_tapped(model, num_rows, **tap_kwargs)
 
     def total(probes: nnx.State) -> tuple[jax.Array, Any]:
-        per_row, aux = losses_of(nnx.merge(graphdef, probes, params, rest))
+        # copy=True: fresh Variables at this trace level (nnx.remat'd layers update them).
+        per_row, aux = losses_of(nnx.merge(graphdef, probes, params, rest, copy=True))
         if per_row.shape != (num_rows,):
             raise ValueError(
                 f"loss_fn returned shape {per_row.shape}; expected per-row losses "
@@ -508,5 +584,5 @@ def gram_of_loss(
         return jnp.sum(per_row), aux
 
     probe_grads, aux = jax.grad(total, has_aux=True)(probes)
-    gram = probe_gram(probe_grads)
+    gram = probe_blocks(probe_grads) if per_op else probe_gram(probe_grads)
     return (gram, aux) if has_aux else gram

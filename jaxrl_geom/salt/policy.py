@@ -106,10 +106,15 @@ def _surrogate(
     ``active=None``: the clip indicators from the current ratio and the original
     advantages (then returned in aux); otherwise the given ones (held fixed).
     """
+    mask = batch.completion_mask
+    stats = None
     if config.capture_activations:
         taps.set_qk_capture(model, True)
-    mask = batch.completion_mask
-    logits = completion_logits(model, batch)  # [n, L, V]
+        capture = nnx.capture(completion_logits, nnx.Intermediate)
+        logits, intermediates = capture(model, batch)  # [n, L, V]
+        stats = taps.collect_qk_stats(intermediates)
+    else:
+        logits = completion_logits(model, batch)  # [n, L, V]
     targets = batch.tokens[:, -mask.shape[1] :]  # [n, L]
     logp = lp.token_logprobs(logits, targets, config.temperature)  # [n, L]
     weights = losses.token_weights(
@@ -151,9 +156,6 @@ def _surrogate(
     metrics = dict(terms.metrics)
     entropy = lp.token_entropy(jax.lax.stop_gradient(logits), config.temperature)
     metrics["entropy_sum"] = jnp.sum(entropy * mask.astype(jnp.float32))
-    stats = None
-    if config.capture_activations:
-        stats = taps.collect_qk_stats(nnx.state(model, nnx.Intermediate))
     aux = _Aux(terms.numerator / terms.denominator, metrics, stats, active)
     return per_row, kl_term, aux
 
@@ -216,7 +218,7 @@ def _micro_batch_update(
     micro = _split_micro_batches((batch, coefficients, active), m)
 
     def objective(params, mb, a_mb, active_mb):
-        model = nnx.merge(graphdef, params, rest)
+        model = nnx.merge(graphdef, params, rest, copy=True)
         per_row, kl_term, _ = _surrogate(
             model,
             mb,
@@ -312,7 +314,7 @@ def salt_policy_gradients(
         tapped_graphdef, probes, _, tapped_rest = split_tapped(model, n, **tap_kwargs)
 
         def forward(params: nnx.State, probes: nnx.State):
-            m = nnx.merge(tapped_graphdef, probes, params, tapped_rest)
+            m = nnx.merge(tapped_graphdef, probes, params, tapped_rest, copy=True)
             per_row, kl_term, aux = surrogate(m, batch)
             return (per_row, kl_term), aux
 

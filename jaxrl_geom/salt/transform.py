@@ -33,6 +33,17 @@ _FIRST_IN_CHAIN = (
 )
 
 
+def _check_residual(residual: Any, like: Any) -> None:
+    """``residual_updates`` must be shaped like the aggregated update."""
+    same_tree = jax.tree_util.tree_structure(residual) == jax.tree_util.tree_structure(like)
+    leaves = zip(jax.tree_util.tree_leaves(residual), jax.tree_util.tree_leaves(like), strict=False)
+    if not same_tree or any(jnp.shape(r) != jnp.shape(u) for r, u in leaves):
+        raise ValueError(
+            "residual_updates must be a gradient pytree shaped like the parameters (the "
+            "features without their leading sample axis N), e.g. the KL gradient."
+        )
+
+
 def salt(
     *,
     gamma_max: float = 1.0,
@@ -71,8 +82,11 @@ def salt(
       scope: parameter filter for the Gram: ``None`` (all), a regex searched in the
         '.'-joined parameter path, or a callable ``(path_str, leaf) -> bool``.
 
-    Extra args of ``update``: ``coefficients`` ``[N]`` (required, the advantages) and
-    ``group_ids`` ``[N]`` (optional, for ``recenter``); any other extra arg is ignored.
+    Extra args of ``update``: ``coefficients`` ``[N]`` (required, the advantages),
+    ``group_ids`` ``[N]`` (optional, for ``recenter``) and ``residual_updates``
+    (optional, a gradient pytree without the sample axis, e.g. the KL gradient, added
+    unchanged after the aggregation: ``out = sum_i a'_i G_i + residual``; SPEC section 2:
+    terms outside ``Phi`` are not reweighted); any other extra arg is ignored.
 
     Example:
       >>> tx = optax.chain(salt(gamma_max=1.0), optax.clip_by_global_norm(1.0),
@@ -108,6 +122,7 @@ def salt(
         *,
         coefficients: jax.Array | None = None,
         group_ids: jax.Array | None = None,
+        residual_updates: Any = None,
         **extra_args: Any,
     ) -> tuple[Any, SaltState]:
         del params, extra_args
@@ -152,6 +167,11 @@ def salt(
             return out.astype(g.dtype)
 
         new_updates = jax.tree_util.tree_map(combine, updates)
+        if residual_updates is not None:
+            _check_residual(residual_updates, new_updates)
+            new_updates = jax.tree_util.tree_map(
+                lambda u, r: (u + r).astype(u.dtype), new_updates, residual_updates
+            )
         count = optax.safe_increment(state.count)
         return new_updates, SaltState(count=count, diagnostics=diagnostics)
 

@@ -27,6 +27,13 @@ norms) as a parity check.
 Run::
 
     python benchmarks/bench_grpo_step.py [--runs 10]
+    python benchmarks/bench_grpo_step.py --torch-threads 1     # busy machine
+    taskset -c 0 python benchmarks/bench_grpo_step.py --torch-threads 1  # one core each
+
+On a shared machine (1-min load above the core count) torch's 2 OpenMP threads
+collapse (steps 3-10x slower, huge IQR) while XLA's pool degrades gracefully, so read
+the 2-thread ratio together with the 1-thread and pinned runs; the CPU time column
+shows how much work each framework does per step.
 """
 
 from __future__ import annotations
@@ -243,7 +250,9 @@ def main() -> None:
     theirs = summary("torch", wall["torch"], cpu["torch"], flops)
     print(f"ratio torch / ours (speed-up of ours): {theirs / ours:.2f}x")
     load = os.getloadavg()[0]
-    print(f"1-min load average {load:.1f} on {os.cpu_count()} cores")
+    print(f"1-min load average {load:.1f} on {os.cpu_count()} cores", end="")
+    busy = load > os.cpu_count() - 0.5 and torch.get_num_threads() > 1
+    print(" (busy machine: rerun with --torch-threads 1, see the docstring)" if busy else "")
 
 
 if __name__ == "__main__":

@@ -57,9 +57,10 @@ from jaxrl_geom.salt.gram import (
     Scope,
     _bias_gram,
     _columns,
-    _ghost_chunk,
     check_scope,
-    dense_gram,
+    choose_backend,
+    dense_ghost_gram,
+    dense_tiled_gram,
     embedding_ghost_gram,
     in_scope,
     path_to_str,
@@ -67,6 +68,15 @@ from jaxrl_geom.salt.gram import (
 )
 
 BACKENDS: tuple[str, ...] = ("auto", "ghost", "tiled", "sketch")
+
+#: Elements of one ``[N, chunk, T, T]`` ghost intermediate (16 MiB of float32). Smaller
+#: than ``salt.gram``'s default: the blocks of several ops can be live at once.
+_GHOST_ELEMENTS = 1 << 22
+
+
+def _ghost_chunk(n: int, t: int) -> int:
+    """Columns of a ghost block per step so ``[N, chunk, T, T]`` fits ``_GHOST_ELEMENTS``."""
+    return max(1, min(n, _GHOST_ELEMENTS // max(1, n * t * t)))
 
 
 class GramProbe(nnx.Variable):
@@ -99,6 +109,11 @@ def _rows(a: jax.Array) -> jax.Array:
     return a.reshape(a.shape[0], -1, a.shape[-1])
 
 
+def _lookup_gram(tokens: jax.Array, d: jax.Array, spec: _TapSpec) -> jax.Array:
+    chunk = _ghost_chunk(*tokens.shape)
+    return embedding_ghost_gram(tokens, d, spec.vocab_size, chunk_size=chunk)
+
+
 def _sketch_gram(x: jax.Array, d: jax.Array, r_in: jax.Array, r_out: jax.Array) -> jax.Array:
     """``<R_in^T X_i^T D_i R_out, R_in^T X_j^T D_j R_out>_F``: the Kronecker sketch of
     :func:`jaxrl_geom.salt.sketch_dense_gram` (same ``N(0, 1/k)`` factors, so the same
@@ -118,10 +133,15 @@ def _dense_block(
     n = x.shape[0]
     gram = jnp.zeros((n, n), jnp.float32)
     if weight:
-        if spec.backend == "sketch":
+        backend = spec.backend
+        if backend == "auto":
+            backend = choose_backend(n, x.shape[1], x.shape[2], d.shape[2])
+        if backend == "sketch":
             gram = _sketch_gram(x, d, *projections)
+        elif backend == "ghost":
+            gram = dense_ghost_gram(x, d, chunk_size=_ghost_chunk(n, x.shape[1]))
         else:
-            gram = dense_gram(x, d, backend=spec.backend)
+            gram = dense_tiled_gram(x, d)
     if spec.bias:
         gram = gram + _bias_gram(d)
     return gram
@@ -160,7 +180,7 @@ def tied_cross_gram(
         picked = jnp.take(dl_j.astype(jnp.float32), tok, axis=1)  # [S, N, T]
         return jnp.einsum("its,sit->i", dh, picked, precision=_HI)
 
-    return _columns(column, (h, d_logits), n, _ghost_chunk(n, max(t, h.shape[1]), None))
+    return _columns(column, (h, d_logits), n, _ghost_chunk(n, max(t, h.shape[1])))
 
 
 # ----------------------------------------------------------------------------------------
@@ -170,6 +190,14 @@ def tied_cross_gram(
 
 def _int_cotangent(x: jax.Array) -> np.ndarray:
     return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def _gram_now(dy: Any, gram: jax.Array) -> tuple[Any, jax.Array]:
+    """Tie the Gram block to the cotangent passed on, so the block is computed as soon as
+    ``D`` exists and ``D`` dies there. Without it XLA tends to schedule every block after
+    the whole backward chain, keeping every layer's ``D`` alive (about one more copy
+    of the activations)."""
+    return jax.lax.optimization_barrier((dy, gram))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -187,7 +215,7 @@ def _dense_tap_fwd(spec, y, x, probe, projections):
 
 def _dense_tap_bwd(spec, residuals, dy):
     x, projections = residuals
-    gram = _dense_block(x, dy, spec, projections, weight=spec.weight)
+    dy, gram = _gram_now(dy, _dense_block(x, dy, spec, projections, weight=spec.weight))
     return dy, jnp.zeros_like(x), gram, jax.tree.map(jnp.zeros_like, projections)
 
 
@@ -206,7 +234,8 @@ def _scale_tap_fwd(spec, y, x_hat, probe):
 
 
 def _scale_tap_bwd(spec, x_hat, dy):
-    return dy, jnp.zeros_like(x_hat), scale_gram(_rows(x_hat), _rows(dy))
+    dy, gram = _gram_now(dy, scale_gram(_rows(x_hat), _rows(dy)))
+    return dy, jnp.zeros_like(x_hat), gram
 
 
 _scale_tap.defvjp(_scale_tap_fwd, _scale_tap_bwd)
@@ -224,7 +253,7 @@ def _lookup_tap_fwd(spec, y, tokens, probe):
 
 
 def _lookup_tap_bwd(spec, tokens, dy):
-    gram = embedding_ghost_gram(tokens, dy, spec.vocab_size)
+    dy, gram = _gram_now(dy, _lookup_gram(tokens, dy, spec))
     return dy, _int_cotangent(tokens), gram
 
 
@@ -255,7 +284,7 @@ def _tied_lookup_tap_bwd(spec, residuals, cotangents):
     dy, (h, d_logits) = cotangents  # the carrier's cotangent is the head's (h, D^logits)
     cross = tied_cross_gram(tokens, dy, h, d_logits)
     gram = (
-        embedding_ghost_gram(tokens, dy, spec.vocab_size)
+        _lookup_gram(tokens, dy, spec)
         + _dense_block(h, d_logits, spec, projections, weight=True)
         + cross
         + cross.T

@@ -27,6 +27,13 @@ couples every pair of rollouts: peak memory is that of a full-batch forward +
 backward), and step 3 accumulates over micro-batches like ``grpo_step``, with the
 clip indicators of step 1 passed in.
 
+Cost (measured by ``benchmarks/bench_salt.py``): a forward, a backward that propagates
+only ``D`` (the weight gradients are dead code) plus the Gram blocks, and a full
+backward: about 4/3 of a plain step plus the Gram (``tiled`` about ``(T + N) / 3T`` of
+a plain step, ``sketch`` a few percent, ``ghost`` ``N T (d_in + d_out) / 3 d_in d_out``:
+only for short rows). Book-keeping (keep every ``D`` and form ``X^T (a' * D)``) would
+drop the second backward's ``D`` chain at the memory cost of all ``D``; not done here.
+
 ``gamma_max=0`` without re-centering gives ``a' = a`` bit for bit; the update is then
 computed by the very code of the plain step, so the new parameters are identical
 to ``grpo_step`` without ``salt`` while the ``salt/*`` geometry metrics are logged.

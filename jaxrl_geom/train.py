@@ -87,8 +87,10 @@ def build_optimizer(cfg: TrainConfig, model_config: ModelConfig) -> optax.Gradie
 
         la = cfg.longact
         links.append(
-            longact.from_config(
-                model_config,
+            longact(
+                num_heads=model_config.num_attention_heads,
+                num_kv_heads=model_config.num_key_value_heads,
+                head_dim=model_config.head_dim,
                 keep_ratio=la.keep_ratio,
                 statistic=la.statistic,
                 scope=la.scope,

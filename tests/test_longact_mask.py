@@ -139,6 +139,23 @@ def test_ties_go_to_lowest_index():
     # NaN is never preferred
     s = np.array([[np.nan, 1.0, 2.0, 0.5]], np.float32)
     np.testing.assert_array_equal(np.asarray(select_channels(s, keep_ratio=0.5))[0], [0, 1, 1, 0])
+    # ... and never selected, even when fewer finite candidates than k remain
+    s = np.array([[np.nan, np.nan, np.nan, 0.5]], np.float32)
+    np.testing.assert_array_equal(np.asarray(select_channels(s, keep_ratio=0.5))[0], [0, 0, 0, 1])
+
+
+@pytest.mark.parametrize("scope", ["layer", "head"])
+def test_rope_pair_with_a_nan_channel_is_never_selected(scope):
+    # head_dim 4: pairs (0, 2), (1, 3) per head. A NaN channel used to become -inf,
+    # whose square is +inf, so its pair always won.
+    s = np.array([[np.nan, 1.0, 0.1, 1.0, 0.2, 0.3, 0.2, 0.3]], np.float32)  # 2 heads
+    m = np.asarray(
+        select_channels(s, keep_ratio=0.5, head_dim=4, scope=scope, granularity="rope_pair")
+    )[0]
+    assert not m[0] and not m[2]  # the NaN channel's pair (0, 2)
+    assert m[1] and m[3]  # the other pair of head 0
+    if scope == "head":
+        np.testing.assert_array_equal(m[4:], [False, True, False, True])  # |(.3,.3)| > |(.2,.2)|
 
 
 def test_select_under_jit_and_leading_dims():

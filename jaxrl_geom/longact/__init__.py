@@ -2,7 +2,8 @@
 
 ``longact(...)`` is an optax ``GradientTransformationExtraArgs`` taking
 ``activation_stats=`` (from ``jaxrl_geom.models.collect_qk_stats``); put it LAST in the
-chain, after weight decay, or wrap the optimizer with ``masked_optimizer``:
+chain, after weight decay, or wrap the optimizer with ``masked_optimizer``
+(``check_chain(tx, params)`` checks; ``TrainState.create`` and ``grpo_step`` enforce it):
 
 .. code-block:: python
 
@@ -11,7 +12,8 @@ chain, after weight decay, or wrap the optimizer with ``masked_optimizer``:
 Capture helpers live with the model: ``set_qk_capture``, ``collect_qk_stats``.
 ``grpo_step(..., GrpoConfig(capture_activations=True))`` captures, passes the statistics
 and logs ``longact/<q|k>_{selected_fraction,overlap,concentration}`` (see
-:mod:`~jaxrl_geom.longact.integration`).
+:mod:`~jaxrl_geom.longact.integration`), reading the state through
+:mod:`jaxrl_geom.final_update` (``rl`` never imports ``longact``).
 """
 
 from jaxrl_geom.longact.integration import check_capture, longact_metrics, longact_states
@@ -30,11 +32,8 @@ from jaxrl_geom.longact.transform import (
     LongActState,
     LongActTransformation,
     MaskedOptimizerState,
-    chain,
     check_chain,
-    from_config,
     longact,
-    longact_wrap,
     masked_optimizer,
 )
 from jaxrl_geom.models.taps import ChannelStats, collect_qk_stats, set_qk_capture
@@ -46,17 +45,14 @@ __all__ = [
     "LongActState",
     "LongActTransformation",
     "MaskedOptimizerState",
-    "chain",
     "channel_scores",
     "check_capture",
     "channels_kept_per_layer",
     "check_chain",
     "collect_qk_stats",
-    "from_config",
     "longact",
     "longact_metrics",
     "longact_states",
-    "longact_wrap",
     "mask_overlap",
     "masked_optimizer",
     "num_kept",

@@ -1,9 +1,11 @@
 """How a train step talks to LongAct: find its state, check the capture, log diagnostics.
 
-``grpo_step`` uses :func:`check_capture` (before tracing the update) and
-:func:`longact_metrics` (after it). The full per-layer arrays stay in the optimizer
-state (``optax.tree.get(opt_state, "selected_fraction")["q"]`` is ``[L]``); a step
-logs their mean over layers:
+``grpo_step`` does not import this module (``rl`` never imports ``longact``): it reads
+the :class:`~jaxrl_geom.longact.transform.LongActState` through its final-update-link
+declaration (:mod:`jaxrl_geom.final_update`). These helpers are the same checks for
+hand-written loops. The full per-layer arrays stay in the optimizer state
+(``optax.tree.get(opt_state, "selected_fraction")["q"]`` is ``[L]``); a step logs their
+mean over layers:
 
 =================================  =================================================
 metric                             mean over layers of
@@ -21,14 +23,15 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import optax
 
+from jaxrl_geom import final_update
 from jaxrl_geom.longact.transform import LongActState
 
-_NAMES = (
-    ("selected_fraction", "selected_fraction"),
-    ("mask_overlap", "overlap"),
-    ("saliency_concentration", "concentration"),
+CAPTURE_HINT = (
+    "set GrpoConfig(capture_activations=True) so that grpo_step collects the per-channel "
+    "q/k statistics and passes them as activation_stats= (by hand: "
+    "set_qk_capture(model, True) and activation_stats=collect_qk_stats(...))"
 )
 
 
@@ -36,15 +39,12 @@ def longact_states(opt_state: Any) -> tuple[LongActState, ...]:
     """Every :class:`LongActState` inside an optimizer state, in tree order.
 
     Works on any nesting (a link of ``optax.chain``, ``masked_optimizer``,
-    ``inject_hyperparams``, ``MultiSteps``, dicts of ``named_chain``) because it searches
-    the pytree by type; under ``jit`` the search is static (structure only).
+    ``inject_hyperparams``, ``MultiSteps``, dicts of ``named_chain``) because
+    ``optax.tree_utils.tree_get_all_with_path`` searches the pytree by the state's class
+    name; under ``jit`` the search is static (structure only).
     """
-
-    def is_longact(x: Any) -> bool:
-        return isinstance(x, LongActState)
-
-    leaves = jax.tree_util.tree_leaves(opt_state, is_leaf=is_longact)
-    return tuple(x for x in leaves if is_longact(x))
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, LongActState.__name__)
+    return tuple(x for _, x in found if isinstance(x, LongActState))
 
 
 def check_capture(opt_state: Any, capture_activations: bool) -> None:
@@ -54,14 +54,8 @@ def check_capture(opt_state: Any, capture_activations: bool) -> None:
     ``refresh="fixed"`` under ``jit`` could not even tell), so a step that forgot the
     capture must fail loudly instead of training with an all-True mask.
     """
-    if capture_activations or not longact_states(opt_state):
-        return
-    raise ValueError(
-        "The optimizer has a longact() link but the q/k capture is off: set "
-        "GrpoConfig(capture_activations=True) so that grpo_step collects the per-channel "
-        "q/k statistics and passes them as activation_stats= (by hand: "
-        "set_qk_capture(model, True) and activation_stats=collect_qk_stats(...))."
-    )
+    provided = ("activation_stats",) if capture_activations else ()
+    final_update.check_extra_args(opt_state, provided, {"activation_stats": CAPTURE_HINT})
 
 
 def longact_metrics(opt_state: Any, prefix: str = "longact") -> dict[str, jax.Array]:
@@ -81,7 +75,6 @@ def longact_metrics(opt_state: Any, prefix: str = "longact") -> dict[str, jax.Ar
     out: dict[str, jax.Array] = {}
     for i, state in enumerate(longact_states(opt_state)):
         name = prefix if i == 0 else f"{prefix}{i}"
-        for field, short in _NAMES:
-            for target, per_layer in getattr(state.diagnostics, field).items():
-                out[f"{name}/{target}_{short}"] = jnp.mean(per_layer)  # [L] -> []
+        for key, value in state.step_metrics().items():
+            out[f"{name}/{key}"] = value
     return out

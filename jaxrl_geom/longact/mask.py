@@ -19,8 +19,9 @@ head         rope_pair    hd/2 pairs / head     ``H * 2 * ceil(keep * hd/2)``
 
 Ties: among equal scores the LOWER index wins (channel index ``c``, or pair index
 ``head * hd/2 + j`` for pairs), so the mask is a deterministic function of the scores
-(``lax.top_k`` guarantees this order). NaN scores are treated as ``-inf`` (never
-preferred).
+(``lax.top_k`` guarantees this order). When ``k < n`` a NaN score is never selected
+(a RoPE pair with a NaN channel is a NaN pair); only a group with more than ``n - k``
+NaN candidates then keeps fewer than ``k``. ``k = n`` keeps everything.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def select_channels(
 
     Returns:
       bool ``[..., C]``; every layer keeps exactly
-      :func:`channels_kept_per_layer` channels.
+      :func:`channels_kept_per_layer` channels (fewer only where NaN scores leave too
+      few candidates: a NaN is never selected).
 
     Example:
       >>> mask = select_channels(scores, keep_ratio=0.3, head_dim=64, scope="head")
@@ -130,14 +132,19 @@ def _select(
 ) -> jax.Array:
     """Top-``k`` of each of ``groups`` groups of ``candidates`` (channels or RoPE pairs)."""
     lead, c = scores.shape[:-1], scores.shape[-1]
-    # NaN never wins; +0.0 turns -0.0 into 0.0 so that equal magnitudes tie exactly.
-    s = jnp.where(jnp.isnan(scores), -jnp.inf, scores.astype(jnp.float32) + 0.0)
+    s = scores.astype(jnp.float32) + 0.0  # +0.0: -0.0 -> 0.0, so equal magnitudes tie exactly
     if pair_head_dim is not None:
         heads, half = c // pair_head_dim, pair_head_dim // 2
         s = s.reshape(*lead, heads, 2, half)  # [..., H, 2, hd/2]
         s = jnp.sqrt(s[..., 0, :] * s[..., 0, :] + s[..., 1, :] * s[..., 1, :])  # [..., H, hd/2]
+    # NaN never wins, also for a pair (a NaN channel makes its pair's norm NaN): the
+    # mapping comes after the pair norm, where -inf would have squared to +inf.
+    is_nan = jnp.isnan(s).reshape(*lead, groups, candidates)  # [..., G, n]
+    s = jnp.where(jnp.isnan(s), -jnp.inf, s)
     s = s.reshape(*lead, groups, candidates)  # [..., G, n]
     chosen = _top_k_mask(s, k)  # [..., G, n]
+    if k < candidates:  # keep_ratio=1 keeps all (a constant mask, as plain GRPO compiles)
+        chosen = chosen & ~is_nan
     if pair_head_dim is not None:
         chosen = chosen.reshape(*lead, heads, 1, half)  # [..., H, 1, hd/2]
         chosen = jnp.broadcast_to(chosen, (*lead, heads, 2, half))  # both channels of a pair
@@ -183,7 +190,8 @@ def selection_groups(
         if needs_heads:
             raise ValueError(
                 f"scope={scope!r}, granularity={granularity!r} needs the head layout: pass "
-                "head_dim= (or num_heads=), e.g. via longact.from_config(model_config)."
+                "head_dim= (or num_heads=), e.g. longact(..., num_heads=cfg.num_attention_heads, "
+                "num_kv_heads=cfg.num_key_value_heads) from the model's ModelConfig."
             )
         return 1, num_channels, 1
     if head_dim <= 0 or num_channels % head_dim:
@@ -198,7 +206,10 @@ def selection_groups(
             "head count of this projection (num_key_value_heads for k_proj)."
         )
     if granularity == "rope_pair" and head_dim % 2:
-        raise ValueError(f"rope_pair needs an even head_dim, got {head_dim}.")
+        raise ValueError(
+            f"granularity='rope_pair' needs an even head_dim (RoPE rotates channel pairs "
+            f"(j, j + head_dim/2)), got head_dim={head_dim}: use granularity='channel'."
+        )
     width = 2 if granularity == "rope_pair" else 1
     per_head = head_dim // width
     if scope == "head":

@@ -8,10 +8,10 @@ optimizer and its weight decay), so unselected columns stay bit-identical:
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6), longact(keep_ratio=0.3))
     tx = masked_optimizer(optax.adamw(1e-6), longact(keep_ratio=0.3), mask_gradients=True)
 
-Placement is checked by :func:`chain` (at construction) and :func:`check_chain` (on
-any transform, from the structure of its state): ``longact`` in front of the
-optimizer would only mask the gradient, and Adam momentum and weight decay would
-still move the "frozen" columns.
+Placement is checked by :func:`check_chain` (on any transform) and, on every use, by
+``TrainState.create`` / ``grpo_step`` (from the structure of the optimizer state, see
+:mod:`jaxrl_geom.final_update`): ``longact`` in front of the optimizer would only mask
+the gradient, and Adam momentum and weight decay would still move the "frozen" columns.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxrl_geom import final_update
 from jaxrl_geom.longact import mask as mask_lib
 from jaxrl_geom.longact.stats import Statistic, channel_scores, check_statistic, update_ema
 from jaxrl_geom.param_paths import path_to_str
@@ -40,11 +41,15 @@ DEFAULT_PARAM_PATTERN = (
     r"\.(?P<kind>kernel|bias)(?:\.value)?$"
 )
 
-_PLACEMENT = (
-    "longact must be the last link, after weight decay (the optimizer): "
+_PLACEMENT_FIX = (
     "optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr), longact(...)), or wrap the "
-    "optimizer with masked_optimizer(optax.adamw(lr), longact(...)). Masking only the "
-    "gradient lets Adam momentum and weight decay move the frozen W_Q/W_K columns."
+    "optimizer: masked_optimizer(optax.adamw(lr), longact(...)). Masking only the gradient "
+    "lets Adam momentum and weight decay move the frozen W_Q/W_K columns."
+)
+_METRIC_NAMES = (
+    ("selected_fraction", "selected_fraction"),
+    ("mask_overlap", "overlap"),
+    ("saliency_concentration", "concentration"),
 )
 _CAPTURE_FIX = (
     "enable the q/k capture: set_qk_capture(model, True), run the training forward, and pass "
@@ -62,12 +67,30 @@ class LongActDiagnostics(NamedTuple):
 
 
 class LongActState(NamedTuple):
-    """State of :func:`longact`. Read diagnostics with ``optax.tree.get(state, name)``."""
+    """State of :func:`longact`. Read diagnostics with ``optax.tree.get(state, name)``.
+
+    Declares itself a final-update link (:mod:`jaxrl_geom.final_update`), so that
+    ``grpo_step`` checks its placement and capture and logs :meth:`step_metrics`
+    without importing LongAct.
+    """
 
     count: jax.Array  # [] int32, number of updates so far
     masks: dict[str, jax.Array]  # per target bool [L, C]; all True before the first update
     ema_scores: dict[str, jax.Array]  # per target f32 [L, C]; used by refresh="ema"
     diagnostics: LongActDiagnostics  # of the last update
+
+    final_update_link = "longact"
+    required_extra_args = ("activation_stats",)
+    placement_fix = _PLACEMENT_FIX
+
+    def step_metrics(self) -> dict[str, jax.Array]:
+        """``{"<t>_selected_fraction" | "<t>_overlap" | "<t>_concentration": mean over
+        layers}`` for each masked target ``t``."""
+        out = {}
+        for field, short in _METRIC_NAMES:
+            for target, per_layer in getattr(self.diagnostics, field).items():
+                out[f"{target}_{short}"] = jnp.mean(per_layer)  # [L] -> []
+        return out
 
 
 class MaskedOptimizerState(NamedTuple):
@@ -141,8 +164,9 @@ def longact(
         (from the first batch, a calibration batch, then frozen).
       ema_decay: EMA decay ``beta`` in ``[0, 1)`` for ``refresh="ema"``.
       num_heads, num_kv_heads, head_dim: head layout of q_proj / k_proj, needed for
-        ``scope="head"`` or ``"rope_pair"``; ``longact.from_config(model_config)``
-        fills them in. ``head_dim`` is inferred from either head count.
+        ``scope="head"`` or ``"rope_pair"`` (a ``ModelConfig``'s
+        ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``). ``head_dim`` is
+        inferred from either head count.
       param_pattern: regex over the '.'-joined parameter path with named groups
         ``layer``, ``target`` and ``kind`` (default :data:`DEFAULT_PARAM_PATTERN`).
 
@@ -159,7 +183,7 @@ def longact(
 
     Example:
       >>> tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6),
-      ...                  longact.from_config(model.config, keep_ratio=0.3))
+      ...                  longact(keep_ratio=0.3))
       >>> updates, state = tx.update(grads, state, params, activation_stats=stats)
       >>> optax.tree.get(state, "selected_fraction")["q"]  # [L]
 
@@ -268,23 +292,6 @@ def longact(
     return tx
 
 
-def from_config(model_config: Any, **kwargs: Any) -> LongActTransformation:
-    """:func:`longact` with the head layout of a ``ModelConfig`` (``longact.from_config``).
-
-    Fills ``num_heads``, ``num_kv_heads`` and ``head_dim`` from
-    ``num_attention_heads``, ``num_key_value_heads`` and ``head_dim``.
-    """
-    return longact(
-        num_heads=model_config.num_attention_heads,
-        num_kv_heads=model_config.num_key_value_heads,
-        head_dim=model_config.head_dim,
-        **kwargs,
-    )
-
-
-longact.from_config = from_config  # type: ignore[attr-defined]
-
-
 def masked_optimizer(
     inner: optax.GradientTransformation,
     longact_tx: LongActTransformation,
@@ -335,65 +342,22 @@ def masked_optimizer(
     return tx
 
 
-def longact_wrap(
-    inner: optax.GradientTransformation, *, mask_gradients: bool = False, **longact_kwargs: Any
-) -> LongActTransformation:
-    """``masked_optimizer(inner, longact(**longact_kwargs), mask_gradients=...)``."""
-    return masked_optimizer(inner, longact(**longact_kwargs), mask_gradients=mask_gradients)
-
-
-def chain(*links: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """``optax.chain`` that raises unless the LongAct link is the last one.
-
-    Raises:
-      ValueError: no LongAct link, or one that is not last (see :func:`check_chain`
-        for transforms built elsewhere, including nested chains).
-    """
-    positions = [i for i, t in enumerate(links) if isinstance(t, LongActTransformation)]
-    if not positions:
-        raise ValueError("jaxrl_geom.longact.chain found no longact() link. " + _PLACEMENT)
-    if positions != [len(links) - 1]:
-        raise ValueError(f"longact() is link {positions[0]} of {len(links)}. " + _PLACEMENT)
-    return optax.chain(*links)
-
-
 def check_chain(tx: optax.GradientTransformation, params: Any) -> None:
-    """Raise unless LongAct masks the final update of ``tx``.
+    """Raise a ValueError unless ``tx`` has a LongAct link that masks its final update.
 
     Inspects the structure of ``tx.init(params)`` (abstractly, via ``jax.eval_shape``;
-    no memory is allocated). ``optax.chain`` states are tuples of per-link states in
-    application order; nested chains, ``named_chain`` dicts and wrappers with an
-    ``inner_state`` / ``inner_opt_state`` (``inject_hyperparams``, ``MultiSteps``) are
-    entered. The last link's state must be a :class:`LongActState` or a
-    :class:`MaskedOptimizerState`, and no LongAct state may appear earlier. Strict:
-    any link after LongAct, even a stateless one, is rejected.
+    no memory is allocated) with the rule of
+    :func:`jaxrl_geom.final_update.check_placement`: LongAct must be the last link of
+    every chain around it, or inside :func:`masked_optimizer` placed last. ``grpo_step``
+    and ``TrainState.create`` apply the same rule; this also fails when there is no
+    LongAct link at all.
     """
     state = jax.eval_shape(tx.init, params)
-    links = list(_link_states(state))
-    is_longact = [isinstance(s, (LongActState, MaskedOptimizerState)) for s in links]
-    if not any(is_longact):
-        raise ValueError("check_chain found no longact link in this optimizer. " + _PLACEMENT)
-    if not is_longact[-1] or sum(is_longact) > 1:
-        first = is_longact.index(True)
-        raise ValueError(f"longact is link {first} of {len(links)}. " + _PLACEMENT)
-
-
-def _link_states(state: Any):
-    """Per-link states in application order (see :func:`check_chain`)."""
-    if isinstance(state, (LongActState, MaskedOptimizerState)):
-        yield state
-    elif type(state) in (tuple, list):
-        for s in state:
-            yield from _link_states(s)
-    elif isinstance(state, Mapping):
-        for s in state.values():
-            yield from _link_states(s)
-    elif hasattr(state, "_fields") and "inner_state" in state._fields:
-        yield from _link_states(state.inner_state)
-    elif hasattr(state, "_fields") and "inner_opt_state" in state._fields:
-        yield from _link_states(state.inner_opt_state)
-    else:
-        yield state
+    if not optax.tree_utils.tree_get_all_with_path(state, LongActState.__name__):
+        raise ValueError(
+            "check_chain found no longact() link in this optimizer. Fix: " + _PLACEMENT_FIX
+        )
+    final_update.check_placement(state)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -78,6 +78,25 @@ def _is_concrete(x: jax.Array) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def check_finite_rewards(rewards: jax.Array) -> None:
+    """Raise a ValueError naming the rows whose reward is NaN or +-inf (concrete inputs
+    only; under ``jit`` nothing can be read and the train step's finite guard applies).
+
+    One such reward would spread through the group mean to its whole group (to the
+    whole batch with ``scale="batch"``).
+    """
+    if not _is_concrete(rewards):
+        return
+    bad = np.flatnonzero(~np.isfinite(np.asarray(rewards)))
+    if bad.size:
+        shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if bad.size > 10 else "")
+        raise ValueError(
+            f"rewards has {bad.size} non-finite value(s) (NaN or inf) at rows [{shown}]: fix "
+            "the reward function (return a finite float for every completion), or combine "
+            "several functions with combine_rewards, which counts NaN as 0."
+        )
+
+
 def _check_layout(
     n: int,
     group_ids: jax.Array | None,
@@ -207,7 +226,8 @@ def group_advantages(
 
     Raises:
       ValueError: a group of one rollout (std undefined: use ``num_generations >= 2``),
-        an unknown ``scale``, ``eps < 0`` or inconsistent shapes.
+        a NaN/inf reward (naming its rows; concrete inputs), an unknown ``scale``,
+        ``eps < 0`` or inconsistent shapes.
 
     Example:
       >>> group_advantages(jnp.array([1.0, 0.0, 0.5, 0.5]), group_size=2)
@@ -226,6 +246,7 @@ def group_advantages(
     n = rewards.shape[0]
     if n == 0:
         raise ValueError("Empty batch (N = 0): sample at least one group of rollouts.")
+    check_finite_rewards(rewards)
     if group_ids is not None:
         group_ids = jnp.asarray(group_ids)
     num_groups = _check_layout(n, group_ids, group_size, num_groups)
@@ -256,6 +277,7 @@ def equal_reward_groups(
     rewards = jnp.asarray(rewards, jnp.float32)
     if rewards.ndim != 1 or rewards.shape[0] == 0:
         raise ValueError(f"rewards must have shape [N] with N > 0, got {rewards.shape}.")
+    check_finite_rewards(rewards)
     if group_ids is not None:
         group_ids = jnp.asarray(group_ids)
     num_groups = _check_layout(rewards.shape[0], group_ids, group_size, num_groups)

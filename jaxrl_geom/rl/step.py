@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
-from jaxrl_geom.longact.integration import check_capture, longact_metrics
+from jaxrl_geom import final_update
 from jaxrl_geom.models import taps
 from jaxrl_geom.rl import logprobs as lp
 from jaxrl_geom.rl import losses
@@ -110,14 +111,21 @@ class TrainState(struct.PyTreeNode):
     params: nnx.State  # nnx.Param leaves of the policy
     rest: nnx.State  # any non-parameter model state (carried unchanged)
     opt_state: optax.OptState
-    step: jax.Array  # int32 []
+    step: jax.Array  # int32 []  every grpo_step call, skipped or not
+    skipped_steps: jax.Array  # int32 []  calls skipped for a non-finite loss/grad/update
 
     @classmethod
     def create(cls, model: nnx.Module, tx: optax.GradientTransformation) -> TrainState:
-        """Split ``model`` once and initialise the optimizer on its parameters."""
+        """Split ``model`` once and initialise the optimizer on its parameters.
+
+        Raises:
+          ValueError: the optimizer has a link that must transform the final update
+            (``longact``) somewhere else than last (:mod:`jaxrl_geom.final_update`).
+        """
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         if not isinstance(tx, optax.GradientTransformationExtraArgs):
             tx = optax.with_extra_args_support(tx)
+        final_update.check_placement(jax.eval_shape(tx.init, params))  # before allocating
         state = cls(
             graphdef=graphdef,
             tx=tx,
@@ -125,6 +133,7 @@ class TrainState(struct.PyTreeNode):
             rest=rest,
             opt_state=tx.init(params),
             step=jnp.zeros((), jnp.int32),
+            skipped_steps=jnp.zeros((), jnp.int32),
         )
         # One jitted copy puts every leaf on the canonical sharding a jitted step
         # returns (e.g. P() rather than P(None,), the step counter on the mesh), so
@@ -137,7 +146,8 @@ class TrainState(struct.PyTreeNode):
 
 
 def validate_batch(batch: RolloutBatch, config: GrpoConfig) -> None:
-    """Check shapes and consistency of a rollout batch (eagerly, before jit)."""
+    """Check shapes and consistency of a rollout batch (eagerly, before jit), and on a
+    concrete batch that advantages and log-probs are finite (naming the rows)."""
     n, s = batch.tokens.shape
     if n == 0:
         raise ValueError("Empty rollout batch (N = 0): sample at least one group of rollouts.")
@@ -168,6 +178,23 @@ def validate_batch(batch: RolloutBatch, config: GrpoConfig) -> None:
         raise ValueError(
             f"num_micro_batches={config.num_micro_batches} must divide the number of "
             f"rollouts N={n}."
+        )
+    for name in ("advantages", "old_logprobs", "ref_logprobs"):
+        _check_finite_rows(name, getattr(batch, name))
+
+
+def _check_finite_rows(name: str, x: jax.Array) -> None:
+    """Name the rows of a concrete batch field holding NaN/inf (nothing under jit: the
+    step's finite guard skips such a batch instead)."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    bad = np.flatnonzero(~np.isfinite(np.asarray(x)).reshape(len(x), -1).all(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"RolloutBatch.{name} is NaN or inf in rows {bad[:10].tolist()}"
+            f"{' ...' if bad.size > 10 else ''}: compute advantages with group_advantages "
+            "(it rejects non-finite rewards) and log-probs from finite logits; grpo_step "
+            "would skip this batch."
         )
 
 
@@ -311,13 +338,18 @@ def grpo_step(
       ``(new_state, metrics)`` with loss, grad/update norms, the loss metrics and,
       with a LongAct link, ``longact/<q|k>_{selected_fraction,overlap,concentration}``.
 
+    A non-finite loss, gradient or update makes the call a no-op on the parameters
+    and the optimizer state (bit-identical, see :func:`_skip_if_not_finite`):
+    ``step`` and ``skipped_steps`` count it and ``metrics["skipped"]`` is 1.
+
     Raises:
       ValueError: a malformed batch (:func:`validate_batch`: empty, misaligned
-        shapes, ``num_micro_batches`` not dividing N), or the optimizer has a
-        ``longact()`` link but ``config.capture_activations`` is False.
+        shapes, ``num_micro_batches`` not dividing N), an optimizer whose ``longact()``
+        link is not last (:func:`jaxrl_geom.final_update.check_placement`), or one with
+        a ``longact()`` link while ``config.capture_activations`` is False.
     """
     validate_batch(batch, config)  # shapes are static: raises while tracing, before XLA
-    check_capture(state.opt_state, config.capture_activations)
+    _check_optimizer(state.opt_state, config)
     n = batch.tokens.shape[0]
     completion_mask = batch.completion_mask
     num_sequences = jnp.asarray(n, jnp.float32)
@@ -368,6 +400,53 @@ def grpo_step(
     metrics["loss"] = loss
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["update_norm"] = optax.tree.norm(updates)
-    metrics.update(longact_metrics(opt_state))  # longact/<q|k>_<diagnostic>, means over layers
-    new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-    return new_state, metrics
+    metrics.update(final_update.link_metrics(opt_state))  # e.g. longact/<q|k>_<diagnostic>
+    return _skip_if_not_finite(state, params, opt_state, metrics)
+
+
+def _check_optimizer(opt_state: optax.OptState, config: GrpoConfig) -> None:
+    """Placement and extra arguments of final-update links (LongAct), at trace time."""
+    final_update.check_placement(opt_state)
+    provided = ("activation_stats",) if config.capture_activations else ()
+    hint = (
+        "set GrpoConfig(capture_activations=True) so that grpo_step collects the per-channel "
+        "q/k statistics and passes them as activation_stats="
+    )
+    final_update.check_extra_args(opt_state, provided, {"activation_stats": hint})
+
+
+def _skip_if_not_finite(
+    state: TrainState,
+    params: nnx.State,
+    opt_state: optax.OptState,
+    metrics: dict[str, jax.Array],
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Commit the update only if the loss, the gradient and the update are finite.
+
+    .. math::
+        \\mathrm{ok} = \\mathrm{isfinite}(\\mathcal{L}) \\wedge
+        \\mathrm{isfinite}(\\|g\\|_2) \\wedge \\mathrm{isfinite}(\\|u\\|_2), \\qquad
+        (\\theta, s) \\leftarrow \\mathrm{ok}\\ ?\\ (\\theta', s')\\ :\\ (\\theta, s)
+
+    The global norms (already in ``metrics``) are finite iff every entry is, except
+    that a norm overflowing float32 (entries beyond ~1e19) also counts as non-finite;
+    reusing them adds no pass over the gradients and leaves XLA's fusion of the update
+    unchanged. A skipped step leaves ``params`` and ``opt_state`` bit-identical (a
+    select, not ``theta + 0``, which would turn -0.0 into 0.0), still counts ``step``,
+    counts ``skipped_steps`` and reports ``metrics["skipped"] = 1.0`` (the other metrics
+    show the offending values). The gradient is checked too because a masked link
+    (LongAct) can hide a NaN gradient from the update while Adam's moments absorb it.
+    ``optax.apply_if_finite`` is not used: it checks only the incoming gradients,
+    changes the user's optimizer-state structure, applies ``theta + 0`` and, after
+    ``max_consecutive_errors``, applies the non-finite update anyway.
+    """
+    ok = jnp.isfinite(metrics["loss"])
+    ok &= jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(metrics["update_norm"])
+    keep_new = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+    new_state = state.replace(
+        params=keep_new(params, state.params),
+        opt_state=keep_new(opt_state, state.opt_state),
+        step=state.step + 1,
+        skipped_steps=state.skipped_steps + (~ok).astype(jnp.int32),
+    )
+    return new_state, {**metrics, "skipped": (~ok).astype(jnp.float32)}

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from tolerances import bits
 
 from jaxrl_geom.longact import (
     check_capture,
@@ -37,7 +38,6 @@ from jaxrl_geom.models.taps import ChannelStats
 from jaxrl_geom.rl import GrpoConfig, RolloutBatch, TrainState, grpo_step
 from jaxrl_geom.salt import SaltConfig
 from jaxrl_geom.sharding import make_mesh, shard_batch, shard_model
-from tolerances import bits
 
 # The same sizes as ModelConfig.tiny(48, hidden 32, 2 layers, 4 heads, 2 kv heads), as
 # qwen2 so that q_proj / k_proj carry biases (masked like their kernel columns).

@@ -13,11 +13,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from tolerances import bits
 
 from jaxrl_geom.longact import LongActState, check_chain, longact, masked_optimizer
 from jaxrl_geom.models import Decoder, ModelConfig, collect_qk_stats, set_qk_capture
 from jaxrl_geom.models.taps import ChannelStats
-from tolerances import bits
 
 L, D, H, K, HD = 2, 8, 4, 2, 4  # layers, hidden, q heads, kv heads, head dim
 CQ, CK = H * HD, K * HD

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from tolerances import assert_f32_close
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -17,7 +18,6 @@ from transformers.generation.logits_process import (
 )
 
 from jaxrl_geom.sampling import Greedy, Sample
-from tolerances import assert_f32_close
 
 # --------------------------------------------------------------------------- methods
 

@@ -180,15 +180,18 @@ def validate_batch(batch: RolloutBatch, config: GrpoConfig) -> None:
             f"rollouts N={n}."
         )
     for name in ("advantages", "old_logprobs", "ref_logprobs"):
-        _check_finite_rows(name, getattr(batch, name))
+        _check_finite_rows(name, getattr(batch, name), batch.completion_mask)
 
 
-def _check_finite_rows(name: str, x: jax.Array) -> None:
-    """Name the rows of a concrete batch field holding NaN/inf (nothing under jit: the
-    step's finite guard skips such a batch instead)."""
-    if isinstance(x, jax.core.Tracer):
+def _check_finite_rows(name: str, x: jax.Array, completion_mask: jax.Array) -> None:
+    """Name the rows of a concrete batch field holding NaN/inf where it is read (masked
+    completion slots may hold anything). Nothing under jit: the step's finite guard
+    skips such a batch instead."""
+    if isinstance(x, jax.core.Tracer) or isinstance(completion_mask, jax.core.Tracer):
         return
-    bad = np.flatnonzero(~np.isfinite(np.asarray(x)).reshape(len(x), -1).all(axis=1))
+    x = np.asarray(x)
+    read = np.asarray(completion_mask) if x.ndim == 2 else np.ones(x.shape, bool)
+    bad = np.flatnonzero((~np.isfinite(x) & read).reshape(len(x), -1).any(axis=1))
     if bad.size:
         raise ValueError(
             f"RolloutBatch.{name} is NaN or inf in rows {bad[:10].tolist()}"

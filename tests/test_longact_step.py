@@ -24,7 +24,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from tolerances import bits
+from tolerances import bits, f32_atol
 
 from jaxrl_geom.longact import (
     check_capture,
@@ -146,8 +146,11 @@ class Run(NamedTuple):
     opt_state: Any  # final
 
 
+LR = 0.01
+
+
 def _adamw() -> optax.GradientTransformation:
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(0.01, weight_decay=0.1))
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(LR, weight_decay=0.1))
 
 
 class Recipe(NamedTuple):
@@ -336,7 +339,9 @@ def test_eight_devices_match_one_device():
     for a, b in zip(
         jax.tree.leaves(one.params[-1]), jax.tree.leaves(eight.params[-1]), strict=True
     ):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+        # 1% of the 3 steps' movement (3 lr) on top of the float32 rounding of theta
+        atol = 0.01 * 3 * LR + f32_atol(np.abs(b).max(), ops=3)
+        np.testing.assert_allclose(a, b, rtol=0, atol=atol)
 
 
 def test_step_metrics_report_longact_diagnostics():

@@ -27,6 +27,14 @@ import numpy as np
 EPS32 = float(np.finfo(np.float32).eps)  # 2**-23: one ulp at 1.0
 
 
+def depth_ops(num_layers: int) -> int:
+    """Roundings along a decoder's depth: ~4 reductions per layer (q/k/v, attention,
+    output, MLP) plus the LM head. Two kernel paths through the same model (HF torch vs
+    ours, sharded vs single device, KV cache vs full forward) differ in the logits by
+    about ``depth_ops * eps32 * max|logit|``."""
+    return 4 * num_layers + 1
+
+
 def f32_atol(scale: float, ops: int = 1, ulps: float = 4.0) -> float:
     """Absolute part ``ulps * eps32 * ops * scale`` of the float32 tolerance."""
     return float(ulps * EPS32 * ops * float(scale))

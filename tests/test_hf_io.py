@@ -13,7 +13,7 @@ import torch
 import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
-from tolerances import assert_f32_close, depth_ops
+from tolerances import assert_bits_equal, assert_f32_close, depth_ops
 
 from jaxrl_geom.models import Decoder, ModelConfig, load_pretrained, save_pretrained
 
@@ -126,7 +126,7 @@ def test_save_loads_in_transformers_and_round_trips(tmp_path, case):
     before, after = params_of(model), params_of(again)
     assert before.keys() == after.keys()
     for path in before:
-        np.testing.assert_array_equal(after[path], before[path], err_msg=str(path))
+        assert_bits_equal(after[path], before[path], err_msg=str(path))
 
 
 def test_sharded_index_checkpoint_equals_single_file(tmp_path):
@@ -140,9 +140,9 @@ def test_sharded_index_checkpoint_equals_single_file(tmp_path):
         params_of(load_pretrained(tmp_path / "sharded")),
     )
     for path in single:
-        np.testing.assert_array_equal(sharded[path], single[path])
+        assert_bits_equal(sharded[path], single[path], err_msg=str(path))
     # and the values are HF's, transposed into [in, out] kernels
-    np.testing.assert_array_equal(
+    assert_bits_equal(
         single[("layers", 1, "self_attn", "k_proj", "kernel")],
         hf.model.layers[1].self_attn.k_proj.weight.detach().numpy().T,
     )
@@ -218,6 +218,6 @@ def test_loading_places_params_on_a_mesh(tmp_path):
     kernel = model.layers[0].mlp.gate_proj.kernel.get_value()  # [D, F] = [embed, mlp]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     assert kernel.addressable_shards[0].data.shape == (32 // 4, 64 // 2)
-    np.testing.assert_array_equal(
+    assert_bits_equal(
         kernel, params_of(load_pretrained(tmp_path))[("layers", 0, "mlp", "gate_proj", "kernel")]
     )

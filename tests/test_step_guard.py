@@ -10,6 +10,7 @@ Reference: the same run without the poisoned batch. One compiled step serves all
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -99,3 +100,19 @@ def test_nan_in_a_padded_completion_slot_is_not_a_skip():
     s2, m2 = grpo_step(copy(s1), poisoned, CONFIG)
     assert float(m2["skipped"]) == 0.0 and int(s2.skipped_steps) == 0
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(s2.params))
+
+
+def test_rl_models_sampling_never_import_salt_or_longact():
+    """The seam is one-way: grpo_step reads LongAct through jaxrl_geom.final_update."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jaxrl_geom.rl, jaxrl_geom.models, jaxrl_geom.sampling\n"
+        "seam = ('jaxrl_geom.salt', 'jaxrl_geom.longact')\n"
+        "bad = [m for m in sys.modules if m.startswith(seam)]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+    )

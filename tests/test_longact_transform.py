@@ -181,6 +181,14 @@ def test_gradient_only_masking_is_not_exact_and_is_caught():
     # accepted: nested chains, wrappers, inject_hyperparams
     check_chain(optax.chain(optax.clip(1.0), masked_optimizer(optax.adamw(0.1), longact())), params)
     check_chain(optax.chain(optax.inject_hyperparams(optax.adamw)(0.1), longact()), params)
+    check_chain(optax.MultiSteps(optax.chain(optax.adam(0.1), longact()), 2), params)
+    check_chain(optax.apply_if_finite(optax.chain(optax.adam(0.1), longact()), 3), params)
+    # named_chain: application order is the dict's insertion order, not jax's sorted keys
+    check_chain(optax.named_chain(("z_adam", optax.adam(0.1)), ("a_longact", longact())), params)
+    with pytest.raises(ValueError, match=r"link 0 of 2 of the chain at opt_state"):
+        check_chain(
+            optax.named_chain(("a_longact", longact()), ("z_adam", optax.adam(0.1))), params
+        )
 
 
 def test_wrapper_matches_chain_and_mask_gradients_keeps_moments_zero():

@@ -137,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     from jaxrl_geom.train import TrainingHalted
 
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        if args.command == "train":  # overrides may come after options too
+            flags = [e for e in extra if e.startswith("-")]
+            args.overrides, extra = [*args.overrides, *(e for e in extra if e not in flags)], flags
+        if extra:
+            raise ValueError(f"unrecognized arguments: {' '.join(extra)} (see 'jaxrl-geom --help')")
         return args.func(args)
     except SystemExit as err:  # --help
         return int(err.code or 0)

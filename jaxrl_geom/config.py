@@ -19,6 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -362,7 +363,29 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     return _resolve(cls, [data], where)
 
 
+def _check_sections(cls: type, data: Any, prefix: str = "") -> None:
+    """A section (nested dataclass) given as a scalar: name it instead of a merge error."""
+    if not isinstance(data, dict):
+        return
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        tp = hints.get(str(key))
+        if tp is None or not dataclasses.is_dataclass(tp):
+            continue
+        value = data[key]
+        if isinstance(value, dict):
+            _check_sections(tp, value, f"{prefix}{key}.")
+        else:
+            raise ValueError(
+                f"{prefix}{key}: is a section of options ({', '.join(_field_names(tp)[:4])}, ...), "
+                f"not the value {value!r}; write e.g. {prefix}{key}.{_field_names(tp)[0]}=..."
+            )
+
+
 def _resolve(cls: type, layers: list[Any], where: str) -> Any:
+    for layer in layers:
+        plain = OmegaConf.to_container(layer) if isinstance(layer, DictConfig) else layer
+        _check_sections(cls, plain)
     try:
         schema = OmegaConf.structured(_mirror(cls))
         merged = OmegaConf.merge(schema, *layers)
@@ -388,14 +411,17 @@ def read_config_file(path: str | Path) -> DictConfig:
     if not p.is_file():
         raise ValueError(f"config file {p} is not a file; pass the path of a .yaml or .json file.")
     try:
-        data = OmegaConf.load(p)
-    except Exception as err:  # yaml.YAMLError and friends: report where, not a traceback
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))  # only to see the top-level type
+        data = OmegaConf.load(p)  # OmegaConf's YAML rules (e.g. 5e-4 is a float)
+    except Exception as err:  # yaml.YAMLError, UnicodeDecodeError: say where, no traceback
+        first = " ".join(str(err).split())[:200] or type(err).__name__
         raise ValueError(f"config file {p} is not valid YAML/JSON: {first}") from None
-    if not isinstance(data, DictConfig):
+    if raw is None:
+        return OmegaConf.create({})
+    if not isinstance(raw, dict) or not isinstance(data, DictConfig):
         raise ValueError(
             f"config file {p} must hold a mapping of options (e.g. 'steps: 40'), "
-            f"not a {type(data).__name__}."
+            f"not a {type(raw).__name__}."
         )
     return data
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -461,7 +462,7 @@ def load_run_config(
     ``output_dir`` is always ``run_dir`` made absolute, whatever the file says, so a
     copied run directory is resumed or evaluated in the copy, from any working directory.
     """
-    run_dir = Path(run_dir).absolute()
+    run_dir = Path(os.path.abspath(run_dir))
     if not run_dir.is_dir():
         what = "is not a directory" if run_dir.exists() else "does not exist"
         raise ValueError(f"run directory {run_dir} {what}; pass the output_dir of a run.")

@@ -429,7 +429,7 @@ def train(
     :class:`~jaxrl_geom.checkpoints.CheckpointError` when a checkpoint cannot be
     saved, :class:`TrainingHalted` after ``max_consecutive_skips`` skipped steps.
     """
-    out_dir = Path(cfg.output_dir).absolute()
+    out_dir = Path(os.path.abspath(cfg.output_dir))
     if resume:
         if not (out_dir / "config.json").is_file():
             raise ValueError(f"--resume {out_dir}: not a run directory (no config.json).")
@@ -464,7 +464,7 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = dataclasses.replace(cfg, output_dir=str(out_dir))
     if cfg.model.path:  # absolute, so the run resumes from any working directory
-        model = dataclasses.replace(cfg.model, path=str(Path(cfg.model.path).absolute()))
+        model = dataclasses.replace(cfg.model, path=os.path.abspath(cfg.model.path))
         saved = dataclasses.replace(saved, model=model)
     _write_json(out_dir / "config.json", to_dict(saved))
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=cfg.checkpoints_to_keep)

@@ -12,6 +12,7 @@ computed on decoded text on the host, as verifiable rewards are.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -401,7 +402,7 @@ def prepare(cfg: TrainConfig) -> tuple[Run, nnx.Module, optax.GradientTransforma
         eval_prompts={e.prompt for e in eval_examples},
     )
     try:
-        tx = build_optimizer(cfg, run.model_config)
+        tx = _grpo_optimizer(cfg.optim, cfg.longact, run.model_config)
     except ValueError as err:
         raise ValueError(f"longact: {err}") from None
     try:
@@ -411,6 +412,21 @@ def prepare(cfg: TrainConfig) -> tuple[Run, nnx.Module, optax.GradientTransforma
     s = cfg.sampling
     Sample(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
     return run, policy, tx, salt_cfg
+
+
+# The optimizer is a static field of TrainState, so each new object recompiles the jitted
+# steps; runs with equal options in one process (notebooks, tests) share one object.
+@functools.lru_cache(maxsize=8)
+def _grpo_optimizer(
+    optim: Any, longact: Any, model_config: ModelConfig
+) -> optax.GradientTransformation:
+    cfg = TrainConfig(optim=optim, longact=longact)  # build_optimizer reads only these
+    return build_optimizer(cfg, model_config)
+
+
+@functools.lru_cache(maxsize=8)
+def _sft_optimizer(learning_rate: float) -> optax.GradientTransformation:
+    return optax.adamw(learning_rate, b1=0.9, b2=0.99)
 
 
 def train(
@@ -444,7 +460,7 @@ def train(
     salt_kwargs = {} if salt_cfg is None else {"salt": salt_cfg}
 
     phase, grpo_round, skipped_total = "warmup", 0, 0
-    sft_state = TrainState.create(policy, optax.adamw(cfg.warmup.learning_rate, b1=0.9, b2=0.99))
+    sft_state = TrainState.create(policy, _sft_optimizer(cfg.warmup.learning_rate))
     state = reference_params = None
     history: dict[str, Any] = {}
     if resume:

@@ -126,10 +126,15 @@ def test_copied_run_resumes_in_the_copy_from_another_cwd(reference, tmp_path, mo
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # the saved output_dir is not this path
 
-    # fewer or equal rounds than done: an error that says so, nothing written
+    # fewer or equal rounds than done, or another architecture: an error that says so,
+    # and the run is left as it was (config.json not rewritten)
+    before = _snapshot(copy)
     for steps in (STEPS - 1, STEPS):
         assert cli.main(["train", "--resume", "../copy", f"steps={steps}"]) == 2
         assert f"{STEPS} GRPO rounds are done" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", "../copy", "steps=9", "model.hidden_size=64"]) == 2
+    assert "has shape" in capsys.readouterr().err
+    assert _snapshot(copy) == before
     assert cli.main(["train", "--no-progress", "--resume", "../copy", f"steps={STEPS + 1}"]) == 0
     assert _snapshot(reference) == original  # the original run is untouched
     rows = [r["step"] for r in read_jsonl(copy / "metrics.jsonl") if "reward/mean" in r]

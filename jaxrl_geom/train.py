@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from jaxrl_geom import metrics as metrics_lib
 from jaxrl_geom import sharding
-from jaxrl_geom.checkpoints import Checkpointer
+from jaxrl_geom.checkpoints import Checkpointer, CheckpointError
 from jaxrl_geom.config import TrainConfig, to_dict
 from jaxrl_geom.models import Decoder, ModelConfig, load_pretrained
 from jaxrl_geom.rl import advantages as adv_lib
@@ -558,7 +558,10 @@ def train(
 def _restore_run(out_dir: Path, cfg: TrainConfig, target: Any) -> tuple[int, Any, dict]:
     """Newest restorable checkpoint of ``out_dir``: ``(round, arrays, meta)``; moves damaged
     newer ones to ``corrupt_checkpoints/`` only once one restores."""
-    ckpt = Checkpointer(out_dir / "checkpoints", read_only=True)
+    try:
+        ckpt = Checkpointer(out_dir / "checkpoints", read_only=True)
+    except CheckpointError as err:
+        raise ValueError(f"--resume {out_dir}: {err}") from None
     try:
         if not ckpt.all_steps():
             raise ValueError(

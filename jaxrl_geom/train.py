@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,13 +29,14 @@ from tqdm.auto import tqdm
 
 from jaxrl_geom import metrics as metrics_lib
 from jaxrl_geom import sharding
-from jaxrl_geom.checkpoints import Checkpointer, CheckpointError
+from jaxrl_geom.checkpoints import Checkpointer
 from jaxrl_geom.config import TrainConfig, to_dict
 from jaxrl_geom.models import Decoder, ModelConfig, load_pretrained
 from jaxrl_geom.rl import advantages as adv_lib
 from jaxrl_geom.rl import dapo
 from jaxrl_geom.rl.rollouts import make_rollout_batch, repeat_prompts
 from jaxrl_geom.rl.step import TrainState, grpo_step, policy_logprobs
+from jaxrl_geom.run_dir import check_output_dir, clear_run_dir, restore_run, write_json
 from jaxrl_geom.sampling import Greedy, Sample, generate
 from jaxrl_geom.tasks import get_task
 from jaxrl_geom.tokenizers import CharTokenizer, load_tokenizer
@@ -289,66 +288,6 @@ class TrainingHalted(RuntimeError):
     """The run stopped on purpose (e.g. too many skipped steps); the message says why."""
 
 
-RUN_FILES = (
-    "config.json",
-    "metrics.jsonl",
-    "metrics.jsonl.tmp",
-    "summary.json",
-    "reward_curve.png",
-    "progress.json",
-    "tensorboard",
-    "checkpoints",
-    "corrupt_checkpoints",
-)
-
-
-def check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
-    """A fresh run needs an empty (or absent) writable ``output_dir``; writes nothing.
-
-    With ``overwrite``, an existing run directory (only files a run writes) is accepted
-    and cleared later by :func:`train`, once the whole config has been validated.
-    """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"output_dir={out_dir} is a file; choose a directory path.")
-    parent = next(p for p in (out_dir, *out_dir.parents) if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"output_dir={out_dir} cannot be created: {parent} is not a writable directory; "
-            "choose another output_dir."
-        )
-    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-    if not entries:
-        return
-    if not overwrite:
-        raise ValueError(
-            f"output_dir={out_dir} is not empty ({', '.join(entries[:4])}); resume it with "
-            f"'jaxrl-geom train --resume {out_dir}', replace it with --overwrite, or choose "
-            "another output_dir."
-        )
-    foreign = [e for e in entries if e not in RUN_FILES]
-    if foreign:
-        raise ValueError(
-            f"--overwrite only replaces a run directory, but output_dir={out_dir} also holds "
-            f"{', '.join(foreign[:4])}; remove them yourself or choose another output_dir."
-        )
-
-
-def _clear_run_dir(out_dir: Path) -> None:
-    for name in RUN_FILES:
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def prepare(cfg: TrainConfig) -> tuple[Run, nnx.Module, optax.GradientTransformation, Any]:
     """Build and check everything a run needs; no file is written.
 
@@ -466,7 +405,7 @@ def train(
     if resume:
         state = TrainState.create(sft_state.model(), tx)
         keep_ref = state.params if grpo_cfg.beta > 0 else None
-        grpo_round, restored, meta = _restore_run(out_dir, cfg, _ckpt_arrays(state, key, keep_ref))
+        grpo_round, restored, meta = restore_run(out_dir, cfg, _ckpt_arrays(state, key, keep_ref))
         state = state.replace(
             params=restored["params"], opt_state=restored["opt_state"], step=restored["step"]
         )
@@ -476,13 +415,13 @@ def train(
         skipped_total = int(meta.get("skipped_steps", 0))
         phase = "grpo"
     elif overwrite:
-        _clear_run_dir(out_dir)
+        clear_run_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = dataclasses.replace(cfg, output_dir=str(out_dir))
     if cfg.model.path:  # absolute, so the run resumes from any working directory
         model = dataclasses.replace(cfg.model, path=os.path.abspath(cfg.model.path))
         saved = dataclasses.replace(saved, model=model)
-    _write_json(out_dir / "config.json", to_dict(saved))
+    write_json(out_dir / "config.json", to_dict(saved))
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=cfg.checkpoints_to_keep)
     writer = metrics_lib.MetricsWriter(out_dir, resume_step=grpo_round if resume else None)
 
@@ -551,48 +490,8 @@ def train(
     history["skipped_steps"] = skipped_total
     records = metrics_lib.read_jsonl(out_dir / "metrics.jsonl")
     metrics_lib.plot_reward_curve(records, out_dir / "reward_curve.png", title=cfg.task.name)
-    _write_json(out_dir / "summary.json", history)
+    write_json(out_dir / "summary.json", history)
     return {"state": state, **history}
-
-
-def _restore_run(out_dir: Path, cfg: TrainConfig, target: Any) -> tuple[int, Any, dict]:
-    """Newest restorable checkpoint of ``out_dir``: ``(round, arrays, meta)``; moves damaged
-    newer ones to ``corrupt_checkpoints/`` only once one restores."""
-    try:
-        ckpt = Checkpointer(out_dir / "checkpoints", read_only=True)
-    except CheckpointError as err:
-        raise ValueError(f"--resume {out_dir}: {err}") from None
-    try:
-        if not ckpt.all_steps():
-            raise ValueError(
-                f"--resume {out_dir}: nothing to resume, the run has no checkpoint yet (it "
-                f"stopped before round checkpoint_every={cfg.checkpoint_every}); start it "
-                f"again with 'jaxrl-geom train --overwrite output_dir={out_dir}'."
-            )
-        skipped: list[int] = []
-
-        def warn(step: int, why: str) -> None:
-            skipped.append(step)
-            print(
-                f"jaxrl-geom: warning: checkpoint {step} in {out_dir} cannot be restored ({why}); "
-                "trying the previous one.",
-                file=sys.stderr,
-            )
-
-        step, arrays, meta = ckpt.restore_latest(target, on_skip=warn)
-    finally:
-        ckpt.close()
-    done = int(meta["grpo_round"])
-    if cfg.steps <= done:
-        raise ValueError(
-            f"--resume {out_dir}: {done} GRPO rounds are done (checkpoint {step}) but steps="
-            f"{cfg.steps}; pass steps=N with N > {done} to train further."
-        )
-    for bad in skipped:
-        dest = out_dir / "corrupt_checkpoints" / str(bad)
-        dest.parent.mkdir(exist_ok=True)
-        shutil.move(str(out_dir / "checkpoints" / str(bad)), str(dest))
-    return done, arrays, meta
 
 
 def _ckpt_arrays(state: TrainState, key: jax.Array, reference: nnx.State | None) -> dict[str, Any]:

@@ -1,11 +1,16 @@
 """Command line: ``jaxrl-geom train | eval | bench``.
 
-Configs are YAML/JSON files (``--config``) plus ``key.sub=value`` overrides::
+Configs are YAML/JSON files (``--config``) plus ``key.sub=value`` overrides (OmegaConf
+dotlist, as in Hydra/verl)::
 
     jaxrl-geom train                                   # the built-in default
     jaxrl-geom train --config my.yaml grpo.loss_type=dapo steps=100
-    jaxrl-geom train --resume runs/default             # continue from the last checkpoint
+    jaxrl-geom train --resume runs/default steps=160   # continue in runs/default
     jaxrl-geom eval runs/default --prompts 256         # score a checkpoint on held-out prompts
+
+Mistakes in the command, config or run directory end in one line on stderr and exit
+code 2, before any work; a run that has to stop (a checkpoint cannot be saved, too many
+skipped steps) ends in one line and exit code 1.
 """
 
 from __future__ import annotations
@@ -16,22 +21,45 @@ import sys
 from pathlib import Path
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ValueError(f"{message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def _train(args: argparse.Namespace) -> int:
-    from jaxrl_geom.config import from_dict, load_config, to_dict
-    from jaxrl_geom.train import train
+    from jaxrl_geom.config import load_config, load_run_config, to_dict
 
     if args.resume:
-        run_dir = Path(args.resume)
-        saved = json.loads((run_dir / "config.json").read_text())
-        from jaxrl_geom.config import TrainConfig, apply_overrides
-
-        cfg = from_dict(TrainConfig, apply_overrides(saved, list(args.overrides)))
+        if args.config:
+            raise ValueError(
+                f"--config cannot be combined with --resume: the run's config is "
+                f"{Path(args.resume) / 'config.json'}; pass changes as key=value overrides."
+            )
+        if args.overwrite:
+            raise ValueError(
+                "--overwrite cannot be combined with --resume (it would clear the run)."
+            )
+        cfg = load_run_config(args.resume, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
     if args.dump_config:
         print(json.dumps(to_dict(cfg), indent=2, default=str))
         return 0
-    result = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
+
+    from jaxrl_geom.train import train
+
+    result = train(
+        cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress
+    )
     start = result.get("eval_start", {}).get("eval/reward_mean")
     warm = result["eval_after_warmup"]["eval/reward_mean"]
     final = result["eval_final"]["eval/reward_mean"]
@@ -48,25 +76,12 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from jaxrl_geom import sharding
-    from jaxrl_geom.tasks import get_task
-    from jaxrl_geom.tokenizers import CharTokenizer, load_tokenizer
-    from jaxrl_geom.train import Run, evaluate, load_policy
+    from jaxrl_geom.train import evaluate, load_run
 
-    policy, cfg = load_policy(args.run_dir)
-    tokenizer = load_tokenizer(cfg.model.path) if cfg.model.path else CharTokenizer()
-    task = get_task(cfg.task.name, **cfg.task.kwargs)
-    examples = task.sample_prompts(np.random.default_rng(cfg.seed + 1_000_003), args.prompts)
-    run = Run(
-        cfg=cfg,
-        tokenizer=tokenizer,
-        task=task,
-        mesh=sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor),
-        model_config=policy.config,
-        eval_examples=examples,
-        eval_prompts={e.prompt for e in examples},
-    )
-    print(json.dumps(evaluate(policy, run), indent=2))
+    policy, run = load_run(args.run_dir)
+    rng = np.random.default_rng(run.cfg.seed + 1_000_003)
+    examples = run.task.sample_prompts(rng, args.prompts)
+    print(json.dumps(evaluate(policy, run, examples), indent=2))
     return 0
 
 
@@ -75,7 +90,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_{args.which}.py"
     if not script.exists():
-        raise SystemExit(
+        raise ValueError(
             f"No benchmark {args.which!r}: expected {script} (run from a source checkout)."
         )
     sys.argv = [str(script)]
@@ -84,12 +99,17 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxrl-geom", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="jaxrl-geom", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="warm-up + GRPO (with optional SALT / LongAct)")
-    t.add_argument("--config", help="YAML or JSON config file")
-    t.add_argument("--resume", help="run directory to resume from (its config + overrides)")
+    t.add_argument("--config", help="YAML or JSON config file (not with --resume)")
+    t.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its newest checkpoint (its config.json + overrides)",
+    )
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     t.add_argument("--dump-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. grpo.beta=0.04")
@@ -97,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="score a run's latest checkpoint on held-out prompts")
     e.add_argument("run_dir")
-    e.add_argument("--prompts", type=int, default=256)
+    e.add_argument("--prompts", type=_positive_int, default=256)
     e.set_defaults(func=_eval)
 
     b = sub.add_parser("bench", help="run a benchmark script from benchmarks/")
@@ -106,12 +126,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(kind: str, err: BaseException) -> None:
+    text = " ".join(str(err).split()) or type(err).__name__
+    print(f"jaxrl-geom: {kind}: {text}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit code (2: bad input, 1: the run stopped)."""
+    from jaxrl_geom.checkpoints import CheckpointError
+    from jaxrl_geom.train import TrainingHalted
+
     try:
+        args, extra = build_parser().parse_known_args(argv)
+        if args.command == "train":  # overrides may come after options too
+            flags = [e for e in extra if e.startswith("-")]
+            args.overrides, extra = [*args.overrides, *(e for e in extra if e not in flags)], flags
+        if extra:
+            raise ValueError(f"unrecognized arguments: {' '.join(extra)} (see 'jaxrl-geom --help')")
         return args.func(args)
-    except ValueError as err:  # configuration mistakes: one clear line, no traceback
-        print(f"jaxrl-geom: error: {err}", file=sys.stderr)
+    except SystemExit as err:  # --help
+        return int(err.code or 0)
+    except (CheckpointError, TrainingHalted) as err:  # the run had to stop: say why, once
+        _say("error", err)
+        return 1
+    except (ValueError, OSError) as err:  # bad command, config, file or run directory
+        _say("error", err)
         return 2
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,17 +44,34 @@ class MetricsWriter:
 
         with MetricsWriter("runs/exp1") as w:
             w.write(step, {"reward/mean": 0.4})
+
+    Args:
+      logdir: the run directory.
+      resume_step: continue a run restored at this step: rows of later steps (written
+        after that checkpoint, before the run stopped) are dropped from ``metrics.jsonl``
+        and TensorBoard purges its events from ``resume_step + 1`` on, so the redone
+        steps are not logged twice. ``None`` starts a new log.
     """
 
-    def __init__(self, logdir: str | Path, *, tensorboard: bool = True) -> None:
+    def __init__(
+        self, logdir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None
+    ) -> None:
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.logdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        path = self.logdir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            kept = [r for r in read_jsonl(path) if r["step"] <= resume_step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            os.replace(tmp, path)
+        mode = "w" if resume_step is None else "a"
+        self._jsonl = open(path, mode, encoding="utf-8")  # noqa: SIM115
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.logdir / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(self.logdir / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         scalars = to_scalars(metrics)
@@ -80,7 +98,16 @@ class MetricsWriter:
 def read_jsonl(path: str | Path) -> list[dict[str, float]]:
     """Read back a ``metrics.jsonl`` file written by :class:`MetricsWriter`."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a row cut off by a kill mid-write
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON.") from None
+    return rows
 
 
 def plot_reward_curve(

@@ -14,10 +14,11 @@ mlp         tensor      gate/up columns, down rows (F)
 vocab       tensor      embedding rows, lm_head columns (V)
 ==========  ==========  =====================================================
 
-A dimension not divisible by its mesh axis size stays replicated (e.g. ``kv`` with
-one kv head on ``tensor=4``), so any model fits any mesh. Norm scales are
-replicated. Batches shard their leading dimension over ``("data", "fsdp")``: FSDP
-devices hold different examples and gather parameters, as in ZeRO-3.
+A dimension not divisible by its mesh axis size is an error naming the parameter
+(replicating it silently would cost memory and time nobody asked for): choose mesh
+sizes that divide the model's dimensions. Norm scales are replicated. Batches shard
+their leading dimension over ``("data", "fsdp")``: FSDP devices hold different
+examples and gather parameters, as in ZeRO-3.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def logical_to_spec(
 ) -> PartitionSpec:
     """Map logical axis names to a ``PartitionSpec`` by :data:`LOGICAL_AXIS_RULES`.
 
-    Dimensions whose size is not divisible by the mesh axis size are replicated.
+    Raises ``ValueError`` when a dimension is not divisible by its mesh axis size.
     """
     if not logical_axes:
         return PartitionSpec()
@@ -99,8 +100,13 @@ def logical_to_spec(
     spec = []
     for name, dim in zip(logical_axes, shape, strict=True):
         axis = LOGICAL_AXIS_RULES.get(name) if name is not None else None
-        if axis is not None and (dim % mesh.shape[axis] or mesh.shape[axis] == 1):
+        if axis is not None and mesh.shape[axis] == 1:
             axis = None
+        if axis is not None and dim % mesh.shape[axis]:
+            raise ValueError(
+                f"dimension {name}={dim} of shape {tuple(shape)} is not divisible by mesh axis "
+                f"{axis}={mesh.shape[axis]}; choose a mesh.{axis} size that divides {dim}."
+            )
         spec.append(axis)
     return PartitionSpec(*spec)
 
@@ -113,13 +119,19 @@ def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh) -> nnx.S
     """
     state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
 
-    def sharding_of(x: Any) -> Any:
+    def sharding_of(path: Any, x: Any) -> Any:
         if isinstance(x, nnx.Variable):
             axes = x.get_metadata().get("out_sharding")
-            return x.replace(NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh)))
+            try:
+                spec = logical_to_spec(axes, x.shape, mesh)
+            except ValueError as err:
+                raise ValueError(f"parameter {jax.tree_util.keystr(path)}: {err}") from None
+            return x.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, PartitionSpec())
 
-    return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(
+        sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
 
 
 def shard_params(state: nnx.State, mesh: Mesh) -> nnx.State:

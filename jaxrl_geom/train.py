@@ -12,7 +12,10 @@ computed on decoded text on the host, as verifiable rewards are.
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
+import math
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from jaxrl_geom.rl import advantages as adv_lib
 from jaxrl_geom.rl import dapo
 from jaxrl_geom.rl.rollouts import make_rollout_batch, repeat_prompts
 from jaxrl_geom.rl.step import TrainState, grpo_step, policy_logprobs
+from jaxrl_geom.run_dir import check_output_dir, clear_run_dir, restore_run, write_json
 from jaxrl_geom.sampling import Greedy, Sample, generate
 from jaxrl_geom.tasks import get_task
 from jaxrl_geom.tokenizers import CharTokenizer, load_tokenizer
@@ -282,18 +286,53 @@ def _stack_groups(groups: list[dict[str, Any]], pad_id: int) -> dict[str, np.nda
     return {k: np.concatenate(v, axis=0) for k, v in out.items()}
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run the whole job and return the final metrics (see module docstring)."""
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+class TrainingHalted(RuntimeError):
+    """The run stopped on purpose (e.g. too many skipped steps); the message says why."""
+
+
+def prepare(cfg: TrainConfig) -> tuple[Run, nnx.Module, optax.GradientTransformation, Any]:
+    """Build and check everything a run needs; no file is written.
+
+    Returns ``(run, policy, grpo_optimizer, salt_config)``. Every option that only the
+    built objects can check (task arguments, mesh vs devices and batch sizes, prompt
+    length vs the model's positions, LongAct and SALT options) fails here, before the
+    warm-up.
+    """
     tokenizer = load_tokenizer(cfg.model.path) if cfg.model.path else CharTokenizer()
-    task = get_task(cfg.task.name, **cfg.task.kwargs)
-    mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
+    try:
+        task = get_task(cfg.task.name, **cfg.task.kwargs)
+    except ValueError as err:
+        raise ValueError(f"task.name/task.kwargs: {err}") from None
+    try:
+        mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
+    except ValueError as err:
+        raise ValueError(f"mesh: {err}") from None
+    shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    n = cfg.prompts_per_step * cfg.num_generations
+    micro = n // cfg.grpo.num_micro_batches
+    if micro % shards:
+        raise ValueError(
+            f"each micro-batch has prompts_per_step x num_generations / grpo.num_micro_batches"
+            f" = {micro} rollouts, not a multiple of the mesh's data x fsdp = {shards} devices; "
+            "choose sizes so that it divides (or set mesh.data/mesh.fsdp)."
+        )
+    if cfg.warmup.steps and cfg.warmup.batch_size % shards:
+        raise ValueError(
+            f"warmup.batch_size={cfg.warmup.batch_size} is not a multiple of the mesh's "
+            f"data x fsdp = {shards} devices; choose a multiple of {shards}."
+        )
     policy = build_policy(cfg, tokenizer, mesh)
     eval_examples = task.sample_prompts(
         np.random.default_rng(cfg.seed + 1_000_003), cfg.eval_prompts
     )
+    longest = max(len(tokenizer.encode(e.prompt)) for e in eval_examples)
+    limit = policy.config.max_position_embeddings
+    if longest + cfg.sampling.max_new_tokens > limit:
+        raise ValueError(
+            f"task prompts have up to {longest} tokens; with sampling.max_new_tokens="
+            f"{cfg.sampling.max_new_tokens} that exceeds the model's max_position_embeddings="
+            f"{limit}; shorten the prompts (task.kwargs) or lower sampling.max_new_tokens."
+        )
     run = Run(
         cfg=cfg,
         tokenizer=tokenizer,
@@ -303,85 +342,157 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         eval_examples=eval_examples,
         eval_prompts={e.prompt for e in eval_examples},
     )
+    try:
+        tx = _grpo_optimizer(cfg.optim, cfg.longact, run.model_config)
+    except ValueError as err:
+        raise ValueError(f"longact: {err}") from None
+    try:
+        salt_cfg = _salt_config(cfg)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"salt: {err}") from None
+    s = cfg.sampling
+    Sample(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    return run, policy, tx, salt_cfg
+
+
+# The optimizer is a static field of TrainState, so each new object recompiles the jitted
+# steps; runs with equal options in one process (notebooks, tests) share one object.
+@functools.lru_cache(maxsize=8)
+def _grpo_optimizer(
+    optim: Any, longact: Any, model_config: ModelConfig
+) -> optax.GradientTransformation:
+    cfg = TrainConfig(optim=optim, longact=longact)  # build_optimizer reads only these
+    return build_optimizer(cfg, model_config)
+
+
+@functools.lru_cache(maxsize=8)
+def _sft_optimizer(learning_rate: float) -> optax.GradientTransformation:
+    return optax.adamw(learning_rate, b1=0.9, b2=0.99)
+
+
+def train(
+    cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Run the whole job and return the final metrics (see module docstring).
+
+    Args:
+      cfg: the validated config; ``cfg.output_dir`` is the run directory.
+      resume: continue the run in ``output_dir`` from its newest checkpoint that
+        restores (a damaged newer one is moved to ``corrupt_checkpoints/``).
+      overwrite: a fresh run may replace an existing run in ``output_dir``.
+
+    Everything is checked (config, run directory, checkpoint vs model) before a file
+    is written. Raises ``ValueError`` for a bad config or run directory,
+    :class:`~jaxrl_geom.checkpoints.CheckpointError` when a checkpoint cannot be
+    saved, :class:`TrainingHalted` after ``max_consecutive_skips`` skipped steps.
+    """
+    out_dir = Path(os.path.abspath(cfg.output_dir))
+    if resume:
+        if not (out_dir / "config.json").is_file():
+            raise ValueError(f"--resume {out_dir}: not a run directory (no config.json).")
+    else:
+        check_output_dir(out_dir, overwrite=overwrite)
+    run, policy, tx, salt_cfg = prepare(cfg)
     rng = np.random.default_rng(cfg.seed)
     key = jax.random.key(cfg.seed)
     grpo_cfg = dataclasses.replace(cfg.grpo, temperature=cfg.sampling.temperature)
     if cfg.longact.enabled:
         grpo_cfg = dataclasses.replace(grpo_cfg, capture_activations=True)
-    salt_cfg = _salt_config(cfg)
     salt_kwargs = {} if salt_cfg is None else {"salt": salt_cfg}
 
-    ckpt = Checkpointer(out_dir / "checkpoints")
-    writer = metrics_lib.MetricsWriter(out_dir)
-    phase, grpo_round = "warmup", 0
-    sft_state = TrainState.create(policy, optax.adamw(cfg.warmup.learning_rate, b1=0.9, b2=0.99))
+    phase, grpo_round, skipped_total = "warmup", 0, 0
+    sft_state = TrainState.create(policy, _sft_optimizer(cfg.warmup.learning_rate))
     state = reference_params = None
-    if resume and ckpt.latest_step() is not None:
-        meta_probe = json.loads((out_dir / "progress.json").read_text())
-        phase = meta_probe["phase"]
-        if phase == "grpo":
-            state = TrainState.create(sft_state.model(), build_optimizer(cfg, run.model_config))
-            keep_ref = state.params if grpo_cfg.beta > 0 else None
-            restored, meta = ckpt.restore(_ckpt_arrays(state, key, keep_ref))
-            state = state.replace(
-                params=restored["params"], opt_state=restored["opt_state"], step=restored["step"]
-            )
-            key = jax.random.wrap_key_data(restored["key"])
-            reference_params = restored.get("reference")
-            grpo_round = meta["grpo_round"]
-            rng.bit_generator.state = meta["rng_state"]
+    history: dict[str, Any] = {}
+    if resume:
+        state = TrainState.create(sft_state.model(), tx)
+        keep_ref = state.params if grpo_cfg.beta > 0 else None
+        grpo_round, restored, meta = restore_run(out_dir, cfg, _ckpt_arrays(state, key, keep_ref))
+        state = state.replace(
+            params=restored["params"], opt_state=restored["opt_state"], step=restored["step"]
+        )
+        key = jax.random.wrap_key_data(restored["key"])
+        reference_params = restored.get("reference")
+        rng.bit_generator.state = meta["rng_state"]
+        skipped_total = int(meta.get("skipped_steps", 0))
+        phase = "grpo"
+    elif overwrite:
+        clear_run_dir(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = dataclasses.replace(cfg, output_dir=str(out_dir))
+    if cfg.model.path:  # absolute, so the run resumes from any working directory
+        model = dataclasses.replace(cfg.model, path=os.path.abspath(cfg.model.path))
+        saved = dataclasses.replace(saved, model=model)
+    write_json(out_dir / "config.json", to_dict(saved))
+    ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=cfg.checkpoints_to_keep)
+    writer = metrics_lib.MetricsWriter(out_dir, resume_step=grpo_round if resume else None)
 
     total = (cfg.warmup.steps if phase == "warmup" else 0) + cfg.steps - grpo_round
     pbar = tqdm(total=total, disable=not progress, desc="train", dynamic_ncols=True)
-    history: dict[str, Any] = {}
     t0 = time.perf_counter()
-    if phase == "warmup":
-        start = evaluate(sft_state, run)
-        history["eval_start"] = start
-        writer.write(0, {"eval/reward_mean": start["eval/reward_mean"], "phase/warmup": 1.0})
-        sft_state = warmup(sft_state, run, rng, pbar)
-        state = TrainState.create(sft_state.model(), build_optimizer(cfg, run.model_config))
-        phase = "grpo"
-        # The frozen reference of the KL term is the policy GRPO starts from.
-        if grpo_cfg.beta > 0:
-            reference_params = jax.tree.map(jnp.copy, state.params)
-    reference = (state.graphdef, reference_params, state.rest)
-    after_warmup = evaluate(state, run)
-    history["eval_after_warmup"] = after_warmup
-    writer.write(grpo_round, {**after_warmup})
-    first_round = grpo_round + 1
-    for grpo_round in range(first_round, cfg.steps + 1):
-        key, sub = jax.random.split(key)
-        batch, info = collect_rollouts(state, run, rng, sub)
-        if grpo_cfg.beta > 0:
-            batch = batch._replace(
-                ref_logprobs=policy_logprobs(*reference, batch, grpo_cfg.temperature)
-            )
-        batch = sharding.shard_batch(batch, mesh)
-        for _ in range(cfg.num_iterations):
-            state, step_metrics = grpo_step(state, batch, grpo_cfg, **salt_kwargs)
-        row = {**info, **jax.device_get(step_metrics)}
-        if grpo_round % cfg.eval_every == 0 or grpo_round == cfg.steps:
-            row.update(evaluate(state, run))
-        scalars = writer.write(grpo_round, row)
-        pbar.update(1)
-        pbar.set_postfix(reward=f"{scalars['reward/mean']:.2f}", loss=f"{scalars['loss']:.3f}")
-        if grpo_round % cfg.checkpoint_every == 0 or grpo_round == cfg.steps:
-            ckpt.save(
-                grpo_round,
-                _ckpt_arrays(state, key, reference_params),
-                {"grpo_round": grpo_round, "rng_state": rng.bit_generator.state},
-            )
-            (out_dir / "progress.json").write_text(json.dumps({"phase": phase}))
-    pbar.close()
+    try:
+        if phase == "warmup":
+            start = evaluate(sft_state, run)
+            history["eval_start"] = start
+            writer.write(0, {"eval/reward_mean": start["eval/reward_mean"], "phase/warmup": 1.0})
+            sft_state = warmup(sft_state, run, rng, pbar)
+            state = TrainState.create(sft_state.model(), tx)
+            # The frozen reference of the KL term is the policy GRPO starts from.
+            if grpo_cfg.beta > 0:
+                reference_params = jax.tree.map(jnp.copy, state.params)
+            after_warmup = evaluate(state, run)
+            writer.write(0, after_warmup)
+        else:
+            after_warmup = evaluate(state, run)  # logged at its round already
+        history["eval_after_warmup"] = after_warmup
+        reference = (state.graphdef, reference_params, state.rest)
+        consecutive, first_round = 0, grpo_round + 1
+        for grpo_round in range(first_round, cfg.steps + 1):
+            key, sub = jax.random.split(key)
+            batch, info = collect_rollouts(state, run, rng, sub)
+            if grpo_cfg.beta > 0:
+                batch = batch._replace(
+                    ref_logprobs=policy_logprobs(*reference, batch, grpo_cfg.temperature)
+                )
+            batch = sharding.shard_batch(batch, run.mesh)
+            for _ in range(cfg.num_iterations):
+                state, step_metrics = grpo_step(state, batch, grpo_cfg, **salt_kwargs)
+                skipped = bool(float(step_metrics.get("skipped", 0.0)))
+                skipped_total += skipped
+                consecutive = consecutive + 1 if skipped else 0
+                if consecutive >= cfg.max_consecutive_skips:
+                    raise TrainingHalted(
+                        f"{consecutive} consecutive GRPO steps were skipped at round "
+                        f"{grpo_round} (non-finite loss, gradient or update; max_consecutive_"
+                        f"skips={cfg.max_consecutive_skips}); the parameters are those of the "
+                        "last good step. Lower optim.learning_rate, check the task's rewards, "
+                        "then --resume from the last checkpoint."
+                    )
+            row = {**info, **jax.device_get(step_metrics), "skipped_steps": skipped_total}
+            if grpo_round % cfg.eval_every == 0 or grpo_round == cfg.steps:
+                row.update(evaluate(state, run))
+            scalars = writer.write(grpo_round, row)
+            pbar.update(1)
+            pbar.set_postfix(reward=f"{scalars['reward/mean']:.2f}", loss=f"{scalars['loss']:.3f}")
+            if grpo_round % cfg.checkpoint_every == 0 or grpo_round == cfg.steps:
+                meta = {
+                    "grpo_round": grpo_round,
+                    "rng_state": rng.bit_generator.state,
+                    "skipped_steps": skipped_total,
+                }
+                ckpt.save(grpo_round, _ckpt_arrays(state, key, reference_params), meta)
+        ckpt.wait()
+    finally:
+        pbar.close()
+        writer.close()
+        ckpt.close()
     final = evaluate(state, run)
     history["eval_final"] = final
     history["wall_seconds"] = time.perf_counter() - t0
-    writer.close()
-    ckpt.close()
+    history["skipped_steps"] = skipped_total
     records = metrics_lib.read_jsonl(out_dir / "metrics.jsonl")
     metrics_lib.plot_reward_curve(records, out_dir / "reward_curve.png", title=cfg.task.name)
-    (out_dir / "summary.json").write_text(json.dumps(history, indent=2))
+    write_json(out_dir / "summary.json", history)
     return {"state": state, **history}
 
 
@@ -410,17 +521,38 @@ def _salt_config(cfg: TrainConfig) -> Any:
 
 
 def load_policy(run_dir: str | Path) -> tuple[nnx.Module, TrainConfig]:
-    """Rebuild the policy of a finished or interrupted run from its latest checkpoint."""
-    from jaxrl_geom.config import from_dict
+    """Rebuild the policy of a finished or interrupted run from its newest checkpoint
+    that restores (a damaged newer one is skipped with a warning)."""
+    policy, run = load_run(run_dir)
+    return policy, run.cfg
 
-    run_dir = Path(run_dir)
-    cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
-    tokenizer = load_tokenizer(cfg.model.path) if cfg.model.path else CharTokenizer()
-    mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
-    policy = build_policy(cfg, tokenizer, mesh)
-    state = TrainState.create(policy, build_optimizer(cfg, policy.config))
-    ckpt = Checkpointer(run_dir / "checkpoints")
-    reference = state.params if cfg.grpo.beta > 0 else None
-    restored, _ = ckpt.restore(_ckpt_arrays(state, jax.random.key(0), reference))
-    ckpt.close()
-    return state.replace(params=restored["params"]).model(), cfg
+
+def load_run(run_dir: str | Path) -> tuple[nnx.Module, Run]:
+    """:func:`load_policy` plus the :class:`Run` (tokenizer, task, mesh) of its config."""
+    from jaxrl_geom.config import load_run_config
+
+    cfg = load_run_config(run_dir)
+    run, policy, tx, _ = prepare(cfg)
+    state = TrainState.create(policy, tx)
+    ckpt = Checkpointer(Path(cfg.output_dir) / "checkpoints", read_only=True)
+    try:
+        if not ckpt.all_steps():
+            raise ValueError(
+                f"{cfg.output_dir} has no checkpoint yet (the run stopped before its first "
+                f"checkpoint at round checkpoint_every={cfg.checkpoint_every}); nothing to load."
+            )
+        reference = state.params if cfg.grpo.beta > 0 else None
+
+        def warn(step: int, why: str) -> None:
+            print(
+                f"jaxrl-geom: warning: checkpoint {step} in {cfg.output_dir} cannot be "
+                f"restored ({why}); trying the previous one.",
+                file=sys.stderr,
+            )
+
+        _, restored, _ = ckpt.restore_latest(
+            _ckpt_arrays(state, jax.random.key(0), reference), on_skip=warn
+        )
+    finally:
+        ckpt.close()
+    return state.replace(params=restored["params"]).model(), run

@@ -15,7 +15,7 @@ from tolerances import assert_f32_close, depth_ops
 from jaxrl_geom import sharding
 from jaxrl_geom.models import Decoder, ModelConfig, init_cache
 
-VOCAB = 97  # odd: the vocab dimension cannot split over tensor=2 and must stay replicated
+VOCAB = 96
 
 
 def config(**overrides) -> ModelConfig:
@@ -58,18 +58,18 @@ def test_param_shardings_follow_the_logical_rules():
         for path, var in nnx.to_flat_state(sharding.param_shardings(abstract, mesh))
     }
     attn = ("layers", 0, "self_attn")
-    assert specs[("embed_tokens", "embedding")] == P(None, "fsdp")  # [V=97, D]: V odd
+    assert specs[("embed_tokens", "embedding")] == P("tensor", "fsdp")  # [V, D]
     assert specs[(*attn, "q_proj", "kernel")] == P("fsdp", "tensor")  # [D, H*hd]
     assert specs[(*attn, "q_proj", "bias")] == P("tensor")
     assert specs[(*attn, "k_proj", "kernel")] == P("fsdp", "tensor")  # [D, 1*16]
     assert specs[(*attn, "o_proj", "kernel")] == P("tensor", "fsdp")  # [H*hd, D]
     assert specs[("layers", 1, "mlp", "down_proj", "kernel")] == P("tensor", "fsdp")  # [F, D]
     assert specs[("layers", 1, "input_layernorm", "scale")] == P(None)
-    assert specs[("lm_head", "kernel")] == P("fsdp", None)  # [D, V=97]
-    # A dimension that does not divide stays replicated instead of failing.
+    assert specs[("lm_head", "kernel")] == P("fsdp", "tensor")  # [D, V]
+    # A dimension that does not divide its mesh axis is an error, not silent replication.
     mesh4 = sharding.make_mesh(data=1, fsdp=2, tensor=4)
-    k_spec = sharding.logical_to_spec(("embed", "kv"), (64, 6), mesh4)
-    assert k_spec == P("fsdp", None)
+    with pytest.raises(ValueError, match="kv=6 .* not divisible by mesh axis tensor=4"):
+        sharding.logical_to_spec(("embed", "kv"), (64, 6), mesh4)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

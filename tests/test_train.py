@@ -2,10 +2,8 @@
 
 import json
 
-import pytest
-
 from jaxrl_geom import cli
-from jaxrl_geom.config import TrainConfig, load_config
+from jaxrl_geom.config import TrainConfig, load_config, to_dict
 from jaxrl_geom.metrics import read_jsonl
 
 TINY = [
@@ -32,32 +30,14 @@ def test_config_file_and_overrides(tmp_path):
     assert cfg.steps == 7 and cfg.sampling.top_p == 0.9
 
 
-@pytest.mark.parametrize(
-    "override, match",
-    [
-        ("grpo.loss_typ=dapo", "unknown key"),
-        ("grpo.loss_type=ppo", "loss_type"),
-        ("grpo.eps_low=1.5", "eps_low"),
-        ("steps=many", "expected int"),
-        ("num_generations", "key.subkey=value"),
-        ("num_generations=1", "at least 2 rollouts"),
-        ("grpo.num_micro_batches=3", "must divide"),
-    ],
-)
-def test_bad_config_is_a_clear_error(override, match):
-    with pytest.raises(ValueError, match=match):
-        load_config(None, [override])
-
-
-def test_cli_reports_config_errors_without_traceback(capsys):
-    assert cli.main(["train", "grpo.loss_type=ppo"]) == 2
-    assert "loss_type" in capsys.readouterr().err
-
-
-def test_group_size_one_is_rejected(tmp_path):
-    code = cli.main(["train", f"output_dir={tmp_path}", *TINY, "num_generations=1"])
-    assert code == 2
-    assert not (tmp_path / "metrics.jsonl").exists()  # rejected before any work
+def test_overrides_win_over_the_file_and_json_round_trips(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("steps: 7\nsampling: {top_k: 5}\n")
+    cfg = load_config(path, ["steps=9", "sampling.top_k=null", "task.kwargs={num_digits: 1}"])
+    assert (cfg.steps, cfg.sampling.top_k, cfg.task.kwargs) == (9, None, {"num_digits": 1})
+    dumped = tmp_path / "dump.json"
+    dumped.write_text(json.dumps(to_dict(cfg)))
+    assert load_config(dumped) == cfg  # --dump-config output is a valid config file
 
 
 def test_train_resume_eval(tmp_path, capsys):

@@ -12,6 +12,7 @@ reads each tensor on the host and ``device_put``s it straight to its sharding.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -117,7 +118,7 @@ def load_pretrained(
     loaded: dict[PathParts, nnx.Variable] = {}
     unexpected: list[str] = []
     for file in files:
-        with safe_open(file, framework="numpy") as f:
+        with _safetensors(file) as f:
             for name in f.keys():
                 spec = mapping.get(name)
                 if spec is None:
@@ -125,7 +126,7 @@ def load_pretrained(
                         unexpected.append(name)
                     continue
                 variable = flat[spec.path]
-                array = f.get_tensor(name)
+                array = _read_tensor(f, name, file)
                 array = array.T if spec.transpose else array
                 if array.shape != variable.shape:
                     raise ValueError(
@@ -148,13 +149,49 @@ def load_pretrained(
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
+@contextlib.contextmanager
+def _safetensors(file: Path) -> Any:
+    """``safe_open`` whose errors name the file (truncated or not a safetensors file)."""
+    try:
+        handle = safe_open(file, framework="numpy")
+    except Exception as err:  # SafetensorError, OSError
+        raise ValueError(
+            f"{file} cannot be read as safetensors ({' '.join(str(err).split())[:200]}); the "
+            "file is truncated or not a safetensors file: save or copy it again."
+        ) from None
+    with handle as f:
+        yield f
+
+
+def _read_tensor(f: Any, name: str, file: Path) -> np.ndarray:
+    """One tensor; non-finite values are an error naming the tensor and the file."""
+    try:
+        array = f.get_tensor(name)
+    except Exception as err:
+        raise ValueError(
+            f"{file}: tensor {name} cannot be read ({' '.join(str(err).split())[:200]}); the "
+            "file is truncated: save or copy it again."
+        ) from None
+    if jnp.issubdtype(array.dtype, jnp.inexact):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array.astype(np.float32))))
+        if bad:
+            raise ValueError(
+                f"{file}: tensor {name} holds {bad} non-finite values (NaN/inf); the "
+                "checkpoint is damaged: load an earlier or the original checkpoint."
+            )
+    return array
+
+
 def _read_config(root: Path, dtype: Any, param_dtype: Any) -> ModelConfig:
     if not (root / "config.json").is_file():
         raise ValueError(
             f"{root} has no config.json; pass a Hugging Face model directory (saved with "
             "save_pretrained), not a file or hub id."
         )
-    model_type = json.loads((root / "config.json").read_text()).get("model_type")
+    try:
+        model_type = json.loads((root / "config.json").read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{root / 'config.json'} is not a JSON object: {err}.") from None
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"Unsupported model_type {model_type!r} in {root / 'config.json'}; supported model "

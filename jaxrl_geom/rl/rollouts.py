@@ -30,8 +30,36 @@ def make_rollout_batch(
     ref_logprobs: jax.Array | None = None,  # f32 [N, L]
 ) -> RolloutBatch:
     """Assemble a rollout batch with masks and positions derived from lengths."""
+    rows = {
+        "tokens": tokens,
+        "prompt_mask": prompt_mask,
+        "completion_mask": completion_mask,
+        "old_logprobs": old_logprobs,
+        "advantages": advantages,
+        "group_ids": group_ids,
+        **({} if ref_logprobs is None else {"ref_logprobs": ref_logprobs}),
+    }
+    ranks = {"advantages": 1, "group_ids": 1}
+    for name, x in rows.items():
+        if np.ndim(x) != ranks.get(name, 2):
+            raise ValueError(
+                f"make_rollout_batch: {name} has shape {np.shape(x)}; expected "
+                f"{ranks.get(name, 2)} dimensions ([N] or [N, ...] as in the signature)."
+            )
+    counts = {name: np.shape(x)[0] for name, x in rows.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(
+            f"make_rollout_batch: the inputs disagree on the number of rows N: {counts}; "
+            "every input needs one row per rollout."
+        )
     n, s = tokens.shape
     p, l_comp = prompt_mask.shape[1], completion_mask.shape[1]
+    for name in ("old_logprobs", "ref_logprobs"):
+        if name in rows and np.shape(rows[name])[1] != l_comp:
+            raise ValueError(
+                f"make_rollout_batch: {name} has {np.shape(rows[name])[1]} columns but "
+                f"completion_mask has {l_comp}; both are [N, L] over the completion tokens."
+            )
     if p + l_comp != s:
         raise ValueError(
             f"tokens has {s} columns but prompt_mask ({p}) + completion_mask ({l_comp}) "

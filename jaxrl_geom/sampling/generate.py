@@ -128,6 +128,13 @@ def generate(
     config = _config_of(graphdef, states)
     tokens_np, mask_np = _check_prompts(prompt_tokens, prompt_mask, config.vocab_size)
     _check_options(method, max_new_tokens, stop_tokens, pad_id, config.vocab_size)
+    longest = int(mask_np.sum(axis=1).max(initial=0))
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(
+            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+            f"model's max_position_embeddings={config.max_position_embeddings}; shorten the "
+            "prompts or lower max_new_tokens."
+        )
     if key is None:
         if not isinstance(method, Greedy):
             raise ValueError(

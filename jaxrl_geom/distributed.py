@@ -22,11 +22,19 @@ Must run before anything touches a device (before the first ``jax.devices()``).
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 
-__all__ = ["DistributedConfig", "initialize", "is_main_process", "resolve"]
+__all__ = [
+    "DistributedConfig",
+    "add_arguments",
+    "initialize",
+    "initialize_from_args",
+    "is_main_process",
+    "require_single_process",
+    "resolve",
+]
 
 # CPU has no default cross-process collectives; gloo ships with jaxlib.
 _CPU_COLLECTIVES = "gloo"
@@ -173,3 +181,30 @@ def initialize(
 def is_main_process() -> bool:
     """True in process 0, the one that prints and writes files."""
     return jax.process_index() == 0
+
+
+def add_arguments(parser: Any) -> None:
+    """Add ``--coordinator``, ``--num-processes``, ``--process-id`` to an argparse parser."""
+    g = parser.add_argument_group("multi-process (one process per host; see docs/SCALE.md)")
+    g.add_argument("--coordinator", help="host:port of process 0 (the same on every process)")
+    g.add_argument("--num-processes", type=int, help="number of processes (default 1)")
+    g.add_argument("--process-id", type=int, help="this process's rank, 0 .. N-1")
+
+
+def initialize_from_args(args: Any) -> DistributedConfig:
+    """:func:`initialize` with the options :func:`add_arguments` added."""
+    return initialize(
+        getattr(args, "coordinator", None),
+        getattr(args, "num_processes", None),
+        getattr(args, "process_id", None),
+    )
+
+
+def require_single_process(what: str) -> None:
+    """Refuse to run ``what`` in a multi-process job (its loop is single-process so far)."""
+    if jax.process_count() > 1:
+        raise ValueError(
+            f"{what} runs in one process so far ({jax.process_count()} were started). "
+            "Multi-process training goes through jaxrl_geom.rollout.collect_rollouts and "
+            "grpo_step on the global mesh (docs/SCALE.md, tests/multihost_job.py)."
+        )

@@ -102,21 +102,43 @@ def main(out_dir: str, port: str, process_id: str) -> None:
 
     distributed.initialize(f"127.0.0.1:{port}", 2, int(process_id))
     import jax
+    import numpy as np
     from jax.experimental import multihost_utils
 
     from jaxrl_geom import sharding
     from jaxrl_geom.checkpoints import Checkpointer
+    from jaxrl_geom.rollout import collect_rollouts
+    from jaxrl_geom.sampling import Sample
 
+    errors = {}  # clear errors of a multi-process run, raised before any work
+    try:
+        sharding.make_mesh(data=1, fsdp=2, tensor=2)  # leaves process 1's devices out
+    except ValueError as err:
+        errors["partial_mesh"] = str(err)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     task, tok, state, config = build(mesh)
+    try:  # 3 prompts x 4: 6 rows per process would split a group
+        collect_rollouts(
+            state.model(),
+            examples=task.sample_prompts(np.random.default_rng(0), 3),
+            tokenizer=tok,
+            reward_fn=reward_fn,
+            key=jax.random.key(0),
+            num_generations=GENERATIONS,
+            max_new_tokens=MAX_NEW,
+            method=Sample(temperature=1.0),
+            mesh=mesh,
+        )
+    except ValueError as err:
+        errors["split_group"] = str(err)
     state, records = run_rounds(state, mesh, range(ROUNDS), task, tok, config)
     ckpt = Checkpointer(Path(out_dir) / "checkpoints")
     ckpt.save(ROUNDS, checkpoint_arrays(state), {"round": ROUNDS})  # every process takes part
     ckpt.close()
     params = multihost_utils.process_allgather(state.params, tiled=True)
-    out = {"records": records, "process_count": jax.process_count()}
+    out = {"records": records, "process_count": jax.process_count(), "errors": errors}
     if jax.process_index() == 0:
-        out["params"] = jax.tree.map(lambda x: x, params)
+        out["params"] = params
     with open(Path(out_dir) / f"process{jax.process_index()}.pkl", "wb") as f:
         pickle.dump(out, f)
 

@@ -91,6 +91,9 @@ def test_two_processes_match_one(two_process_run):
 
     out, results = two_process_run
     assert [r["process_count"] for r in results] == [2, 2]
+    for res in results:
+        assert "uses 4 of the 8 devices over 2 processes" in res["errors"]["partial_mesh"]
+        assert "which splits a group of 4" in res["errors"]["split_group"]
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     task, tok, state, config = job.build(mesh)
     state, ref = job.run_rounds(state, mesh, range(job.ROUNDS), task, tok, config)
@@ -144,7 +147,9 @@ def test_two_processes_match_one(two_process_run):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_mesh_and_start_up_errors(monkeypatch):
+def test_mesh_and_start_up_errors(monkeypatch, capsys):
+    from jaxrl_geom import cli
+
     for name in ("JAXRL_COORDINATOR", "JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="needs a coordinator: pass --coordinator"):
@@ -156,6 +161,8 @@ def test_mesh_and_start_up_errors(monkeypatch):
     with pytest.raises(ValueError, match="needs --process-id"):
         distributed.initialize("127.0.0.1:1234", num_processes=2)
     assert distributed.initialize().num_processes == 1  # one process: a no-op
+    assert cli.main(["train", "--num-processes", "2", "--process-id", "1"]) == 2
+    assert "needs a coordinator" in capsys.readouterr().err
     monkeypatch.setenv("JAXRL_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match="JAXRL_NUM_PROCESSES='two'"):
         distributed.initialize()

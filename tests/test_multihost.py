@@ -13,6 +13,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -50,9 +51,13 @@ def _run_two_processes(out: Path) -> list[dict]:
         )
         for i in range(2)
     ]
-    try:
-        for p in procs:
-            p.wait(timeout=TIMEOUT_S)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:  # until both exit, one fails (the other would wait for it forever) or time is up
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in procs]
+            if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
+                break
+            time.sleep(0.2)
     finally:  # never leave a process behind, whatever failed
         for p in procs:
             if p.poll() is None:
@@ -61,7 +66,8 @@ def _run_two_processes(out: Path) -> list[dict]:
         for f in logs:
             f.close()
     for i, p in enumerate(procs):
-        assert p.returncode == 0, (out / f"log{i}.txt").read_text()[-4000:]
+        log = (out / f"log{i}.txt").read_text()[-4000:]
+        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log}"
     return [pickle.loads((out / f"process{i}.pkl").read_bytes()) for i in range(2)]
 
 

@@ -156,7 +156,12 @@ def test_two_processes_match_one(two_process_run):
 def test_mesh_and_start_up_errors(monkeypatch, capsys):
     from jaxrl_geom import cli
 
-    for name in ("JAXRL_COORDINATOR", "JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID"):
+    for name in (
+        *("JAXRL_COORDINATOR", "JAXRL_NUM_PROCESSES", "JAXRL_PROCESS_ID"),
+        *("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"),
+        *("SLURM_JOB_ID", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"),
+        *("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"),
+    ):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="needs a coordinator: pass --coordinator"):
         distributed.initialize(num_processes=2, process_id=0)
@@ -169,6 +174,12 @@ def test_mesh_and_start_up_errors(monkeypatch, capsys):
     assert distributed.initialize().num_processes == 1  # one process: a no-op
     assert cli.main(["train", "--num-processes", "2", "--process-id", "1"]) == 2
     assert "needs a coordinator" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_JOB_ID", "7")  # srun with 4 tasks: JAX reads the rest
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert distributed.resolve() == distributed.DistributedConfig(None, 4, None, True)
+    assert not distributed.resolve(num_processes=1).auto  # explicit options win
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert not distributed.resolve().auto  # one task: nothing to join
     monkeypatch.setenv("JAXRL_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match="JAXRL_NUM_PROCESSES='two'"):
         distributed.initialize()

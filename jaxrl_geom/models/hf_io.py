@@ -135,7 +135,7 @@ def load_pretrained(
                     )
                 array = np.ascontiguousarray(array.astype(variable.dtype))
                 target = shardings[spec.path].get_value() if shardings else None
-                value = jnp.asarray(array) if target is None else sharding.put_global(array, target)
+                value = jnp.asarray(array) if target is None else jax.device_put(array, target)
                 loaded[spec.path] = variable.replace(value)
     missing = sorted(n for n, s in mapping.items() if s.path not in loaded)
     if missing or unexpected:

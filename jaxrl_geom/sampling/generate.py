@@ -26,8 +26,7 @@ and tunix ``generate/sampler.py``):
 * the KV cache has one write offset shared by the batch (left padding), RoPE
   positions come from the prompt mask (``cumsum(mask) - 1``);
 * prefill computes logits at the last position only; only the sampled tokens'
-  log-probs are stored (never ``[B, L, V]``); one read-back at the end, of this
-  process's (addressable) rows only;
+  log-probs are stored (never ``[B, L, V]``); one ``device_get`` at the end;
 * masks come from lengths and the stop rule, never from token values, so
   ``pad_id`` may equal the EOS token.
 """

@@ -175,7 +175,7 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """
     shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
     rows, replicated = batch_sharding(mesh), NamedSharding(mesh, PartitionSpec())
-    nproc = _batch_processes(mesh)
+    nproc = process_batch_factor(mesh)
     local = mesh.devices.size == len(mesh.local_devices)
 
     def place(x: Any) -> Any:
@@ -194,7 +194,7 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(place, batch)
 
 
-def _batch_processes(mesh: Mesh) -> int:
+def process_batch_factor(mesh: Mesh) -> int:
     """Global rows / this process's rows: batch shards over those this process holds."""
     me = jax.process_index()
     ids = np.vectorize(lambda d: d.process_index)(mesh.devices)  # [data, fsdp, tensor]

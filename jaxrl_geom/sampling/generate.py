@@ -47,8 +47,8 @@ from jax.sharding import PartitionSpec as P
 from jaxrl_geom.sampling.methods import Greedy, Sample, SamplingMethod
 from jaxrl_geom.sharding import (
     BATCH_AXES,
-    _batch_processes,
     local_rows,
+    process_batch_factor,
     put_global,
     shard_batch,
 )
@@ -124,7 +124,9 @@ def generate(
       row_ids: optional int ``[B]``, each row's index in the global batch. When given,
         row ``b`` draws its step-``t`` token with ``fold_in(fold_in(key, row_ids[b]), t)``,
         so its sample does not depend on the batch layout (padding, process count);
-        default: one key per step for the whole batch.
+        default: one key per step for the whole batch. (Rows are then sampled under
+        ``vmap``: with ``top_p`` and no ``top_k``, the full-sort fallback of
+        :class:`Sample` is computed for every step instead of only when needed.)
 
     With a mesh spanning several processes, ``prompt_tokens`` are this process's rows
     of the global batch (every process calls ``generate`` with the same number of
@@ -158,7 +160,7 @@ def generate(
             "Build the mesh with jaxrl_geom.sharding.make_mesh."
         )
     shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-    shards //= 1 if mesh is None else _batch_processes(mesh)  # this process's share
+    shards //= 1 if mesh is None else process_batch_factor(mesh)  # this process's share
     batch_bucket = _round_up(_next_pow2(batch), shards)
     prompt_bucket = _next_pow2(prompt_len)
     length_bucket = _next_pow2(max_new_tokens)

@@ -9,6 +9,8 @@ Public surface (docs/SPEC.md section 4), imported lazily so ``import jaxrl_geom`
 - ``jaxrl_geom.salt``: ``salt(...)``, ``reweight(...)``, Gram backends, ``SaltConfig``.
 - ``jaxrl_geom.longact``: ``longact(...)``, activation capture helpers.
 - ``jaxrl_geom.tasks``: built-in verifiable-reward tasks.
+- ``jaxrl_geom.rollout``: ``collect_rollouts`` / ``evaluate_rewards``, in one process or many.
+- ``jaxrl_geom.distributed``: ``initialize()`` of a multi-process run (docs/SCALE.md).
 """
 
 import importlib
@@ -16,7 +18,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("models", "sampling", "rl", "salt", "longact", "tasks", "sharding")
+_SUBMODULES = (
+    *("models", "sampling", "rl", "salt", "longact", "tasks", "sharding"),
+    *("rollout", "distributed"),
+)
 
 __all__ = list(_SUBMODULES)
 

@@ -36,6 +36,10 @@ def _positive_int(text: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from jaxrl_geom import distributed
+
+    distributed.initialize_from_args(args)  # first: before anything touches a device
+    distributed.require_single_process("jaxrl-geom train")
     from jaxrl_geom.config import load_config, load_run_config, to_dict
 
     if args.resume:
@@ -113,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dump-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. grpo.beta=0.04")
+    from jaxrl_geom.distributed import add_arguments
+
+    add_arguments(t)
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="score a run's latest checkpoint on held-out prompts")

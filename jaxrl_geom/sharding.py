@@ -73,10 +73,17 @@ def make_mesh(
             )
         sizes[sizes.index(-1)] = len(devices) // fixed
     total = math.prod(sizes)
+    nproc = len({d.process_index for d in devices})
+    where = f" over {nproc} processes" if nproc > 1 else ""
     if total > len(devices):
         raise ValueError(
             f"Mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {total} devices, only "
-            f"{len(devices)} are available; lower a size or use -1."
+            f"{len(devices)} are available{where}; lower a size or use -1."
+        )
+    if nproc > 1 and total != len(devices):
+        raise ValueError(
+            f"Mesh {dict(zip(MESH_AXES, sizes, strict=True))} uses {total} of the {len(devices)} "
+            f"devices{where}; a multi-process mesh must span every device (use -1 for one size)."
         )
     return jax.make_mesh(
         tuple(sizes),
@@ -136,7 +143,24 @@ def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh) -> nnx.S
 
 def shard_params(state: nnx.State, mesh: Mesh) -> nnx.State:
     """Place every array of ``state`` on ``mesh`` by its logical axes."""
-    return jax.device_put(state, param_shardings(state, mesh))
+    return put_global(state, param_shardings(state, mesh))
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put(tree, shardings)`` that also works when a sharding spans several
+    processes: there every process must hold the same full value of each leaf (e.g. a
+    model initialised from the same seed, a PRNG key) and keeps its own shards of it."""
+
+    def put(x: Any, s: jax.sharding.Sharding) -> Any:
+        if s.is_fully_addressable:
+            return jax.device_put(x, s)
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            data = put(jax.random.key_data(x), NamedSharding(s.mesh, PartitionSpec()))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+    return jax.tree.map(put, tree, shardings)
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
@@ -153,20 +177,85 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Place every array of a batch pytree with :func:`batch_sharding` (scalars replicated).
 
+    The leading dimension of every array holds *this process's* rows (all rows with
+    one process): the global array is assembled with
+    :func:`jax.make_array_from_process_local_data`, every process passing its own
+    block of rows (:func:`process_rows`), and scalars must be equal in every process.
+
     Raises ``ValueError`` when a leading dimension does not divide over the batch
     axes: pad the batch to a multiple of ``data * fsdp``.
     """
     shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
     rows, replicated = batch_sharding(mesh), NamedSharding(mesh, PartitionSpec())
+    nproc = process_batch_factor(mesh)
+    local = mesh.devices.size == len(mesh.local_devices)
 
     def place(x: Any) -> Any:
         if np.ndim(x) == 0:
-            return jax.device_put(x, replicated)
-        if np.shape(x)[0] % shards:
+            return put_global(x, replicated)
+        if (np.shape(x)[0] * nproc) % shards:
             raise ValueError(
-                f"Batch dimension {np.shape(x)[0]} is not divisible by data*fsdp = {shards}; "
-                "pad the batch (or choose a batch size that is a multiple of it)."
+                f"Batch dimension {np.shape(x)[0] * nproc} is not divisible by data*fsdp = "
+                f"{shards}; pad the batch (or choose a batch size that is a multiple of it)."
             )
-        return jax.device_put(x, rows)
+        if local:
+            return jax.device_put(x, rows)
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(rows, x, (x.shape[0] * nproc, *x.shape[1:]))
 
     return jax.tree.map(place, batch)
+
+
+def process_batch_factor(mesh: Mesh) -> int:
+    """Global rows / this process's rows: batch shards over those this process holds."""
+    me = jax.process_index()
+    ids = np.vectorize(lambda d: d.process_index)(mesh.devices)  # [data, fsdp, tensor]
+    row_blocks = ids.reshape(-1, mesh.shape["tensor"])  # one row per batch shard
+    return len(row_blocks) // int(np.sum(np.any(row_blocks == me, axis=1)))
+
+
+def process_rows(num_rows: int, mesh: Mesh | None) -> slice:
+    """The contiguous block of the global batch rows ``[0, num_rows)`` that this process
+    holds under :func:`batch_sharding` (all rows with one process or no mesh).
+
+    Raises:
+      ValueError: ``num_rows`` does not divide over the batch axes, or the mesh gives
+        this process rows that are not one contiguous block (build it with
+        :func:`make_mesh`, which keeps each process's devices together).
+    """
+    if mesh is None or mesh.devices.size == len(mesh.local_devices):
+        return slice(0, num_rows)
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if num_rows % shards:
+        raise ValueError(
+            f"{num_rows} rows do not divide over data*fsdp = {shards}; choose a batch size "
+            "that is a multiple of it."
+        )
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((num_rows,))
+    starts = sorted({idx[0].indices(num_rows)[0] for idx in index_map.values()})
+    step = num_rows // shards
+    lo, hi = starts[0], starts[-1] + step
+    if len(starts) * step != hi - lo:
+        raise ValueError(
+            f"Process {jax.process_index()} holds rows {starts} (blocks of {step}) of the "
+            "batch, not one contiguous block; build the mesh with sharding.make_mesh."
+        )
+    return slice(lo, hi)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded array as NumPy (all rows with one process).
+
+    Reads addressable shards only, so it works where ``jax.device_get`` of an array
+    spanning several processes fails; the rows are those of :func:`process_rows`.
+    """
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    shards = x.addressable_shards
+    lo = min(s.index[0].indices(x.shape[0])[0] for s in shards)
+    hi = max(s.index[0].indices(x.shape[0])[1] for s in shards)
+    out = np.empty((hi - lo, *x.shape[1:]), x.dtype)
+    for shard in shards:
+        start, stop, _ = shard.index[0].indices(x.shape[0])
+        out[(slice(start - lo, stop - lo), *shard.index[1:])] = np.asarray(shard.data)
+    return out

@@ -45,7 +45,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxrl_geom.sampling.methods import Greedy, Sample, SamplingMethod
-from jaxrl_geom.sharding import BATCH_AXES, shard_batch
+from jaxrl_geom.sharding import (
+    BATCH_AXES,
+    local_rows,
+    process_batch_factor,
+    put_global,
+    shard_batch,
+)
 
 __all__ = ["GenerateOutput", "generate"]
 
@@ -98,6 +104,7 @@ def generate(
     stop_tokens: Sequence[int] = (),
     mesh: Mesh | None = None,
     pad_id: int = 0,
+    row_ids: Any | None = None,
 ) -> GenerateOutput:
     """Sample completions of left-padded prompts with a KV cache, in one jitted program.
 
@@ -114,6 +121,16 @@ def generate(
       mesh: optional mesh with axes ``("data", "fsdp", "tensor")``; the batch is
         sharded over ``("data", "fsdp")``, parameters stay as they are placed.
       pad_id: token written after a row finished (may equal a stop token).
+      row_ids: optional int ``[B]``, each row's index in the global batch. When given,
+        row ``b`` draws its step-``t`` token with ``fold_in(fold_in(key, row_ids[b]), t)``,
+        so its sample does not depend on the batch layout (padding, process count);
+        default: one key per step for the whole batch. (Rows are then sampled under
+        ``vmap``: with ``top_p`` and no ``top_k``, the full-sort fallback of
+        :class:`Sample` is computed for every step instead of only when needed.)
+
+    With a mesh spanning several processes, ``prompt_tokens`` are this process's rows
+    of the global batch (every process calls ``generate`` with the same number of
+    rows) and the result holds the same rows: only addressable shards are read back.
 
     Returns:
       :class:`GenerateOutput` of NumPy arrays.
@@ -150,6 +167,7 @@ def generate(
             "Build the mesh with jaxrl_geom.sharding.make_mesh."
         )
     shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    shards //= 1 if mesh is None else process_batch_factor(mesh)  # this process's share
     batch_bucket = _round_up(_next_pow2(batch), shards)
     prompt_bucket = _next_pow2(prompt_len)
     length_bucket = _next_pow2(max_new_tokens)
@@ -161,8 +179,17 @@ def generate(
     msk[:batch, prompt_bucket - prompt_len :] = mask_np
     msk[batch:, -1] = True
     row_valid = np.arange(batch_bucket) < batch
+    ids = np.full((batch_bucket,), -1, np.int32)
+    if row_ids is not None:
+        row_ids = np.asarray(jax.device_get(row_ids))
+        if row_ids.shape != (batch,) or not np.issubdtype(row_ids.dtype, np.integer):
+            raise ValueError(
+                f"row_ids has shape {row_ids.shape} and dtype {row_ids.dtype}; pass one integer "
+                f"global row index per prompt row, shape ({batch},)."
+            )
+        ids[:batch] = row_ids
 
-    rows = (tok, msk, row_valid)  # [B, ...] sharded over the batch axes
+    rows = (tok, msk, row_valid, ids)  # [B, ...] sharded over the batch axes
     scalars = (  # replicated
         key,
         jnp.asarray(max_new_tokens, jnp.int32),
@@ -173,7 +200,7 @@ def generate(
         rows = tuple(jnp.asarray(a) for a in rows)
     else:
         rows = shard_batch(rows, mesh)
-        scalars = jax.device_put(scalars, NamedSharding(mesh, P()))
+        scalars = put_global(scalars, (NamedSharding(mesh, P()),) * len(scalars))
     result = _generate_jit(
         graphdef,
         states,
@@ -182,8 +209,10 @@ def generate(
         method=method,
         length_bucket=length_bucket,
         mesh=mesh,
+        per_row_keys=row_ids is not None,
     )
-    completion, logprobs, lengths, stopped = jax.device_get(result)
+    # Addressable shards only: this process's rows (all rows with one process).
+    completion, logprobs, lengths, stopped = (local_rows(x) for x in result)
 
     completion = completion[:batch, :max_new_tokens]
     logprobs = logprobs[:batch, :max_new_tokens]
@@ -206,6 +235,7 @@ def _generate_impl(
     prompt_tokens: jax.Array,  # int32 [B, P]
     prompt_mask: jax.Array,  # bool [B, P]
     row_valid: jax.Array,  # bool [B] False on batch-padding rows
+    row_ids: jax.Array,  # int32 [B] global row index (per_row_keys)
     key: jax.Array,
     max_new_tokens: jax.Array,  # int32 []
     stop_tokens: jax.Array,  # int32 [n_stop]
@@ -214,6 +244,7 @@ def _generate_impl(
     method: SamplingMethod,
     length_bucket: int,
     mesh: Mesh | None,
+    per_row_keys: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Prefill, then decode until every row stopped or ``max_new_tokens`` were drawn."""
     from jaxrl_geom.models import init_cache  # lazy: models may import sampling helpers
@@ -225,7 +256,13 @@ def _generate_impl(
     def emit(s: _LoopState, logits: jax.Array) -> _LoopState:
         """Sample at step ``s.step`` from ``logits [B, V]`` and write it to the buffers."""
         logits = logits.astype(jnp.float32)
-        token = method.sample(logits, jax.random.fold_in(key, s.step))  # [B]
+        if per_row_keys:
+            keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), s.step))(
+                row_ids
+            )  # [B]
+            token = jax.vmap(lambda lg, k: method.sample(lg[None], k)[0])(logits, keys)  # [B]
+        else:
+            token = method.sample(logits, jax.random.fold_in(key, s.step))  # [B]
         log_probs = jax.nn.log_softmax(logits / method.temperature, axis=-1)  # [B, V]
         logprob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]  # [B]
         active = row_valid & ~s.stopped  # [B]
@@ -272,7 +309,8 @@ def _generate_impl(
 
 
 _generate_jit = jax.jit(
-    _generate_impl, static_argnames=("graphdef", "method", "length_bucket", "mesh")
+    _generate_impl,
+    static_argnames=("graphdef", "method", "length_bucket", "mesh", "per_row_keys"),
 )
 
 

@@ -55,8 +55,11 @@ class ModelConfig:
     q/k/v (always on for qwen2); llama and qwen3 then also have an ``o_proj`` bias,
     as in HF (see :attr:`o_proj_bias`). ``dtype`` is the compute dtype,
     ``param_dtype`` the storage dtype of the parameters (keep it float32 for
-    training). ``remat`` recomputes each layer in the backward pass. Token ids are
-    carried only so that ``to_hf`` writes them back.
+    training). ``remat`` recomputes each layer in the backward pass.
+    ``attention_impl`` picks the attention form (:func:`jaxrl_geom.models.attention.attend`:
+    "xla" reference, "blockwise" O(T) memory, "cudnn" GPU, "auto") and
+    ``attention_block_size`` its query/key block. Token ids are carried only so that
+    ``to_hf`` writes them back.
     """
 
     model_type: ModelType
@@ -77,6 +80,8 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    attention_impl: Literal["xla", "blockwise", "cudnn", "auto"] = "auto"
+    attention_block_size: int = 512
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -111,6 +116,15 @@ class ModelConfig:
                     f"ModelConfig.{name}={getattr(self, name)!r}; use one of {_DTYPES} "
                     "(pass the dtype's name, e.g. 'bfloat16')."
                 )
+        if self.attention_impl not in ("xla", "blockwise", "cudnn", "auto"):
+            raise ValueError(
+                f"ModelConfig.attention_impl={self.attention_impl!r}; use one of 'xla', "
+                "'blockwise', 'cudnn', 'auto'."
+            )
+        if int(self.attention_block_size) < 1:
+            raise ValueError(
+                f"ModelConfig.attention_block_size must be >= 1, got {self.attention_block_size}."
+            )
         if self.model_type == "qwen2" and not self.attention_bias:
             raise ValueError("qwen2 always has a q/k/v bias: set attention_bias=True.")
         if self.qk_norm != (self.model_type == "qwen3"):

@@ -58,7 +58,9 @@ class ModelConfig:
     training). ``remat`` recomputes each layer in the backward pass.
     ``attention_impl`` picks the attention form (:func:`jaxrl_geom.models.attention.attend`:
     "xla" reference, "blockwise" O(T) memory, "cudnn" GPU, "auto") and
-    ``attention_block_size`` its query/key block. Token ids are carried only so that
+    ``attention_block_size`` its query/key block. The train step runs the LM head
+    over ``logits_chunk_tokens`` positions at a time (its largest float32 array is
+    ``[logits_chunk_tokens, V]``). Token ids are carried only so that
     ``to_hf`` writes them back.
     """
 
@@ -82,6 +84,7 @@ class ModelConfig:
     remat: bool = False
     attention_impl: Literal["xla", "blockwise", "cudnn", "auto"] = "auto"
     attention_block_size: int = 512
+    logits_chunk_tokens: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -120,6 +123,10 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.attention_impl={self.attention_impl!r}; use one of 'xla', "
                 "'blockwise', 'cudnn', 'auto'."
+            )
+        if int(self.logits_chunk_tokens) < 1:
+            raise ValueError(
+                f"ModelConfig.logits_chunk_tokens must be >= 1, got {self.logits_chunk_tokens}."
             )
         if int(self.attention_block_size) < 1:
             raise ValueError(

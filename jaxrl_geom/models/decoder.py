@@ -143,6 +143,24 @@ class Decoder(nnx.Module):
         (meaningless) logits.
         """
         self._check_inputs(tokens, positions, attention_mask, cache, logits_slice)
+        h, cache = self.hidden(tokens, positions, attention_mask, cache)  # [B, T, D]
+        if logits_slice == "last":
+            h = h[:, -1:]  # [B, 1, D] left padding: the last column is real in every row
+        return self.head(h), cache
+
+    def hidden(
+        self,
+        tokens: jax.Array,  # int32 [B, T]
+        positions: jax.Array,  # int32 [B, T]
+        attention_mask: jax.Array,  # bool [B, T]
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final-normed hidden states ``[B, T, D]`` (compute dtype), before the LM head.
+
+        ``model(...)`` is ``model.head(model.hidden(...)[0])``; callers that need
+        logits at a few positions, or in chunks, slice the hidden states first.
+        """
+        self._check_inputs(tokens, positions, attention_mask, cache, None)
         attention_mask = attention_mask.astype(bool)
         if cache is None:
             kv_valid, index = attention_mask, 0
@@ -161,15 +179,16 @@ class Decoder(nnx.Module):
             if layer_cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
-
-        if logits_slice == "last":
-            h = h[:, -1:]  # [B, 1, D] left padding: the last column is real in every row
         h = self.norm(h)
-        logits = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
         if cache is None:
-            return logits, None
+            return h, None
         t = tokens.shape[1]
-        return logits, KVCache(tuple(new_k), tuple(new_v), kv_valid, cache.index + t)
+        return h, KVCache(tuple(new_k), tuple(new_v), kv_valid, cache.index + t)
+
+    def head(self, h: jax.Array) -> jax.Array:  # [..., T, D] -> f32 [..., T, V]
+        """The LM head (tied: the embedding's transpose) on final-normed hidden states."""
+        logits = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        return logits.astype(jnp.float32)
 
     def _check_inputs(self, tokens, positions, attention_mask, cache, logits_slice) -> None:
         if (

@@ -1,0 +1,189 @@
+"""The chunked LM head (log-probs, entropy) equals the whole-logits computation, alone
+and inside ``grpo_step`` / ``policy_logprobs`` (every loss type, KL, GSPO, temperature).
+
+References: :func:`token_logprobs` / :func:`token_entropy` on whole ``[N, L, V]``
+logits (themselves checked against a float64 oracle in test_losses.py), and a
+``jax.grad`` of ``losses.policy_loss`` on those whole logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxrl_geom.models import Decoder, ModelConfig
+from jaxrl_geom.rl import logprobs as lp
+from jaxrl_geom.rl import losses
+from jaxrl_geom.rl.step import (
+    GrpoConfig,
+    RolloutBatch,
+    TrainState,
+    completion_logits,
+    grpo_step,
+    policy_logprobs,
+)
+
+TOL = 1e-6  # relative to the largest magnitude: same float32 ops, reordered sums only
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 9, 10_000])  # c = 1, c = 3 (padded), whole
+def test_chunked_logprobs_equal_whole_logits_values_and_grads(chunk_tokens):
+    n, length, d, v, tau = 3, 7, 16, 50, 0.7
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(n, length, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (n, length)), jnp.int32)
+    coef = jnp.asarray(rng.normal(size=(n, length)), jnp.float32)
+
+    def head(w, h):
+        return jnp.einsum("ntd,dv->ntv", h, w)
+
+    def chunked(w, h):
+        logp, ent = lp.chunked_logprobs(
+            lambda x: head(w, x), h, targets, tau, chunk_tokens=chunk_tokens
+        )
+        return jnp.sum(coef * logp), (logp, ent)
+
+    def whole(w, h):
+        logits = head(w, h)
+        logp = lp.token_logprobs(logits, targets, tau)
+        return jnp.sum(coef * logp), (logp, lp.token_entropy(jax.lax.stop_gradient(logits), tau))
+
+    grad = jax.value_and_grad
+    (_, (lp_c, ent_c)), g_c = jax.jit(grad(chunked, argnums=(0, 1), has_aux=True))(w, hidden)
+    (_, (lp_w, ent_w)), g_w = jax.jit(grad(whole, argnums=(0, 1), has_aux=True))(w, hidden)
+    assert rel_err(lp_c, lp_w) < TOL and rel_err(ent_c, ent_w) < TOL
+    for a, b in zip(g_c, g_w, strict=True):
+        assert rel_err(a, b) < TOL
+    # The entropy is a metric: it must not feed the gradient.
+    g_ent = jax.grad(lambda h: jnp.sum(chunked(w, h)[1][1]))(hidden)
+    assert not np.any(np.asarray(g_ent))
+
+
+def test_chunked_logprobs_bad_inputs():
+    h, y = jnp.zeros((2, 3, 4)), jnp.zeros((2, 4), jnp.int32)
+    with pytest.raises(ValueError, match="hidden"):
+        lp.chunked_logprobs(lambda x: x, h, y)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        lp.chunked_logprobs(lambda x: x, h, y[:, :3], chunk_tokens=0)
+
+
+# --------------------------------------------------------------------------- in the step
+
+N, P, L = 4, 5, 6
+# bnpo normalises like dapo (covered); every type is also checked against a float64
+# oracle in test_grpo_step.py, where the head runs as one chunk.
+CONFIGS = {
+    "grpo_kl": GrpoConfig(loss_type="grpo", beta=0.05),
+    "dr_grpo": GrpoConfig(loss_type="dr_grpo", max_completion_length=8),
+    "dapo_gspo_tau": GrpoConfig(
+        loss_type="dapo", eps_high=0.28, importance_sampling_level="sequence", temperature=0.7
+    ),
+}
+
+
+def keep_gradient() -> optax.GradientTransformationExtraArgs:
+    """A no-op update whose state is the last gradient (read the step's grads exactly)."""
+
+    def init(params):
+        return jax.tree.map(jnp.zeros_like, params)
+
+    def update(updates, state, params=None, **extra):
+        del state, params, extra
+        return jax.tree.map(jnp.zeros_like, updates), updates
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+KEEP = keep_gradient()
+
+
+def make_batch(seed: int = 0) -> RolloutBatch:
+    rng = np.random.default_rng(seed)
+    prompt_len = np.array([5, 3, 1, 4])
+    comp_len = np.array([6, 2, 4, 1])
+    p_mask = np.arange(P)[None] >= P - prompt_len[:, None]
+    c_mask = np.arange(L)[None] < comp_len[:, None]
+    mask = np.concatenate([p_mask, c_mask], 1)
+    tokens = np.where(mask, rng.integers(0, 64, mask.shape), 0).astype(np.int32)
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+    return RolloutBatch(
+        tokens=jnp.asarray(tokens),
+        positions=jnp.asarray(positions),
+        attention_mask=jnp.asarray(mask),
+        completion_mask=jnp.asarray(c_mask),
+        old_logprobs=jnp.asarray(-3.0 - rng.random((N, L)), jnp.float32),
+        ref_logprobs=jnp.asarray(-3.0 - rng.random((N, L)), jnp.float32),
+        advantages=jnp.asarray([1.0, -0.5, 0.3, -0.8], jnp.float32),
+        group_ids=jnp.asarray([0, 0, 1, 1], jnp.int32),
+    )
+
+
+def whole_logits_reference(model: Decoder, batch: RolloutBatch, config: GrpoConfig):
+    """(loss, grads, entropy mean) from whole [N, L, V] logits and ``losses.policy_loss``."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    num_tokens = jnp.sum(batch.completion_mask.astype(jnp.float32))
+
+    def loss_fn(params):
+        logits = completion_logits(nnx.merge(graphdef, params, rest), batch)  # [N, L, V]
+        targets = batch.tokens[:, -L:]
+        logp = lp.token_logprobs(logits, targets, config.temperature)
+        terms = losses.policy_loss(
+            logp,
+            batch.old_logprobs,
+            batch.advantages,
+            batch.completion_mask,
+            loss_type=config.loss_type,
+            eps_low=config.eps_low,
+            eps_high=config.eps_high,
+            beta=config.beta,
+            ref_logprobs=batch.ref_logprobs if config.beta > 0 else None,
+            importance_sampling_level=config.importance_sampling_level,
+            max_completion_length=config.max_completion_length,
+            num_sequences=jnp.float32(N),
+            num_tokens=num_tokens,
+        )
+        ent = lp.token_entropy(logits, config.temperature)
+        return terms.numerator / terms.denominator, jnp.sum(ent * batch.completion_mask)
+
+    (loss, ent_sum), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    return loss, grads, ent_sum / num_tokens
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_grpo_step_with_chunked_head_equals_whole_logits(name):
+    """Chunks of one position (c = N // N = 1, six chunks) in grpo_step and
+    policy_logprobs give the loss, entropy, update and log-probs of whole logits."""
+    config = CONFIGS[name]
+    model_config = dataclasses.replace(
+        ModelConfig.tiny(64, hidden_size=32, num_hidden_layers=2), logits_chunk_tokens=N
+    )
+    model = Decoder(model_config, rngs=nnx.Rngs(3))
+    batch = make_batch()
+    loss, grads, entropy = whole_logits_reference(model, batch, config)
+
+    state = TrainState.create(model, KEEP)
+    ref_lp = policy_logprobs(state.graphdef, state.params, state.rest, batch, config.temperature)
+    whole_lp = lp.token_logprobs(
+        completion_logits(model, batch), batch.tokens[:, -L:], config.temperature
+    )
+    assert rel_err(ref_lp, whole_lp) < TOL
+
+    new_state, metrics = grpo_step(state, batch, config)
+    assert rel_err(metrics["loss"], loss) < TOL
+    assert rel_err(metrics["entropy"], entropy) < TOL
+    step_grads = jax.tree.leaves(new_state.opt_state)
+    assert len(step_grads) == len(jax.tree.leaves(grads))
+    for a, b in zip(step_grads, jax.tree.leaves(grads), strict=True):
+        assert rel_err(a, b) < TOL

@@ -60,7 +60,8 @@ class ModelConfig:
     "xla" reference, "blockwise" O(T) memory, "cudnn" GPU, "auto") and
     ``attention_block_size`` its query/key block. The train step runs the LM head
     over ``logits_chunk_tokens`` positions at a time (its largest float32 array is
-    ``[logits_chunk_tokens, V]``). Token ids are carried only so that
+    ``[logits_chunk_tokens, V]``); the sampler's prefill feeds the prompt
+    ``prefill_chunk_tokens`` at a time. Token ids are carried only so that
     ``to_hf`` writes them back.
     """
 
@@ -85,6 +86,7 @@ class ModelConfig:
     attention_impl: Literal["xla", "blockwise", "cudnn", "auto"] = "auto"
     attention_block_size: int = 512
     logits_chunk_tokens: int = 2048
+    prefill_chunk_tokens: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -123,6 +125,10 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.attention_impl={self.attention_impl!r}; use one of 'xla', "
                 "'blockwise', 'cudnn', 'auto'."
+            )
+        if int(self.prefill_chunk_tokens) < 1:
+            raise ValueError(
+                f"ModelConfig.prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}."
             )
         if int(self.logits_chunk_tokens) < 1:
             raise ValueError(

@@ -83,6 +83,7 @@ def load_pretrained(
     dtype: Any = None,
     *,
     param_dtype: Any = None,
+    **overrides: Any,
 ) -> Decoder:
     """Load a Hugging Face llama / qwen2 / qwen3 checkpoint directory as a :class:`Decoder`.
 
@@ -93,6 +94,7 @@ def load_pretrained(
         by its logical axes (:mod:`jaxrl_geom.sharding`); ``None``: default device.
       dtype: compute dtype (default float32, whatever the checkpoint's dtype).
       param_dtype: parameter storage dtype (default float32).
+      overrides: other :class:`ModelConfig` fields (e.g. ``attention_impl="blockwise"``).
 
     Raises:
       ValueError: missing directory/config, pickle-only (``.bin``) checkpoints,
@@ -101,7 +103,7 @@ def load_pretrained(
     from jaxrl_geom import sharding  # lazy: sharding is optional at this boundary
 
     root = Path(path).expanduser()
-    config = _read_config(root, dtype, param_dtype)
+    config = _read_config(root, dtype, param_dtype, overrides)
     files = _safetensors_files(root)
 
     abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
@@ -148,7 +150,9 @@ def load_pretrained(
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
-def _read_config(root: Path, dtype: Any, param_dtype: Any) -> ModelConfig:
+def _read_config(
+    root: Path, dtype: Any, param_dtype: Any, overrides: dict[str, Any] | None = None
+) -> ModelConfig:
     if not (root / "config.json").is_file():
         raise ValueError(
             f"{root} has no config.json; pass a Hugging Face model directory (saved with "
@@ -167,6 +171,7 @@ def _read_config(root: Path, dtype: Any, param_dtype: Any) -> ModelConfig:
         hf_config,
         dtype=_dtype_name(dtype),
         param_dtype=_dtype_name(param_dtype),
+        **(overrides or {}),
     )
 
 

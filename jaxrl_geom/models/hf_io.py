@@ -33,6 +33,7 @@ PathParts = tuple[Any, ...]
 class KeySpec(NamedTuple):
     path: PathParts  # our parameter path, e.g. ("layers", 0, "self_attn", "q_proj", "kernel")
     transpose: bool  # HF stores the transpose ([out, in])
+    layer: int | None = None  # scanned layout: row ``layer`` of the stacked [L, ...] array
 
 
 # (HF name, our path, transpose). Layer rows are under "model.layers.{i}." / ("layers", i).
@@ -62,15 +63,30 @@ LAYER_KEYS: tuple[tuple[str, PathParts, bool], ...] = (
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def key_map(param_paths: set[PathParts], num_layers: int) -> dict[str, KeySpec]:
-    """``{hf_name: KeySpec}`` for the parameters that exist (``param_paths``)."""
-    rows = [(name, path, t) for name, path, t in GLOBAL_KEYS]
+def key_map(
+    param_paths: set[PathParts], num_layers: int, scanned: bool = False
+) -> dict[str, KeySpec]:
+    """``{hf_name: KeySpec}`` for the parameters that exist (``param_paths``).
+
+    With ``scanned`` (``ModelConfig.scan_layers``) every ``model.layers.{i}.*`` tensor
+    is row ``i`` of the stacked parameter at ``("layers", ...)``.
+    """
+    rows = [(name, path, t, None) for name, path, t in GLOBAL_KEYS]
     for i in range(num_layers):
-        rows += [(f"model.layers.{i}.{n}", ("layers", i, *p), t) for n, p, t in LAYER_KEYS]
-    mapping = {name: KeySpec(path, t) for name, path, t in rows if path in param_paths}
-    if len(mapping) != len(param_paths):
-        unmapped = sorted(map(str, param_paths - {s.path for s in mapping.values()}))
-        raise ValueError(f"Parameters without a Hugging Face name: {unmapped[:5]}.")
+        rows += [
+            (f"model.layers.{i}.{n}", ("layers", *p) if scanned else ("layers", i, *p), t, i)
+            for n, p, t in LAYER_KEYS
+        ]
+    mapping = {
+        name: KeySpec(path, t, layer if scanned else None)
+        for name, path, t, layer in rows
+        if path in param_paths
+    }
+    unmapped = param_paths - {s.path for s in mapping.values()}
+    if unmapped:
+        raise ValueError(
+            f"Parameters without a Hugging Face name: {sorted(map(str, unmapped))[:5]}."
+        )
     return mapping
 
 
@@ -109,7 +125,7 @@ def load_pretrained(
     abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(abstract_state))
-    mapping = key_map(set(flat), config.num_hidden_layers)
+    mapping = key_map(set(flat), config.num_hidden_layers, config.scanned)
     shardings = (
         dict(nnx.to_flat_state(sharding.param_shardings(abstract_state, mesh)))
         if mesh is not None
@@ -117,6 +133,8 @@ def load_pretrained(
     )
 
     loaded: dict[PathParts, nnx.Variable] = {}
+    stacks: dict[PathParts, np.ndarray] = {}  # scanned layout: host buffers [L, ...]
+    found: set[str] = set()
     unexpected: list[str] = []
     for file in files:
         with safe_open(file, framework="numpy") as f:
@@ -129,17 +147,20 @@ def load_pretrained(
                 variable = flat[spec.path]
                 array = f.get_tensor(name)
                 array = array.T if spec.transpose else array
-                if array.shape != variable.shape:
+                want = variable.shape if spec.layer is None else variable.shape[1:]
+                if array.shape != want:
                     raise ValueError(
                         f"{name}: checkpoint shape {array.shape} (after transpose={spec.transpose})"
-                        f" != model shape {variable.shape}; config.json does not match the "
-                        "weights."
+                        f" != model shape {want}; config.json does not match the weights."
                     )
-                array = np.ascontiguousarray(array.astype(variable.dtype))
-                target = shardings[spec.path].get_value() if shardings else None
-                value = jnp.asarray(array) if target is None else jax.device_put(array, target)
-                loaded[spec.path] = variable.replace(value)
-    missing = sorted(n for n, s in mapping.items() if s.path not in loaded)
+                found.add(name)
+                if spec.layer is not None:  # stack on the host, place once complete
+                    if spec.path not in stacks:
+                        stacks[spec.path] = np.empty(variable.shape, variable.dtype)
+                    stacks[spec.path][spec.layer] = array
+                    continue
+                loaded[spec.path] = _place(variable, array, shardings, spec.path)
+    missing = sorted(n for n in mapping if n not in found)
     if missing or unexpected:
         raise ValueError(
             f"Checkpoint {root} does not match a {config.model_type} Decoder: missing "
@@ -147,7 +168,18 @@ def load_pretrained(
             f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. Check that config.json "
             "belongs to these weights."
         )
+    for path, array in stacks.items():
+        loaded[path] = _place(flat[path], array, shardings, path)
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def _place(
+    variable: nnx.Variable, array: np.ndarray, shardings: dict | None, path: PathParts
+) -> nnx.Variable:
+    """``variable`` holding ``array`` (cast), on its sharding when one is given."""
+    array = np.ascontiguousarray(array.astype(variable.dtype))
+    target = shardings[path].get_value() if shardings else None
+    return variable.replace(jnp.asarray(array) if target is None else jax.device_put(array, target))
 
 
 def _read_config(
@@ -233,7 +265,10 @@ def save_pretrained(model: Decoder, path: str | os.PathLike) -> None:
 
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     tensors = {}
-    for name, spec in key_map(set(flat), config.num_hidden_layers).items():
-        array = np.asarray(jax.device_get(flat[spec.path].get_value()))
+    host: dict[PathParts, np.ndarray] = {}  # one transfer per (stacked) parameter
+    for name, spec in key_map(set(flat), config.num_hidden_layers, config.scanned).items():
+        if spec.path not in host:
+            host[spec.path] = np.asarray(jax.device_get(flat[spec.path].get_value()))
+        array = host[spec.path] if spec.layer is None else host[spec.path][spec.layer]
         tensors[name] = np.ascontiguousarray(array.T if spec.transpose else array)
     save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})

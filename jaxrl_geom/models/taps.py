@@ -123,5 +123,14 @@ def collect_qk_stats(model_or_intermediates: Any) -> dict[str, ChannelStats]:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
 
 
+def has_stacked_layers(params: Any) -> bool:
+    """True when ``params`` (an ``nnx.State``) holds scanned layers: ``layers.<name>``
+    paths with a leading ``[L]`` axis instead of ``layers.<i>.<name>``."""
+    return any(
+        len(path) > 1 and path[0] == "layers" and not isinstance(path[1], int)
+        for path, _ in nnx.to_flat_state(params)
+    )
+
+
 def _sort_key(part: Any) -> tuple[int, Any]:
     return (0, part) if isinstance(part, int) else (1, str(part))

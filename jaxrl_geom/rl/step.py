@@ -356,6 +356,11 @@ def grpo_step(
     if salt is not None:
         from jaxrl_geom.salt.policy import salt_policy_gradients  # lazy: salt imports rl
 
+        if taps.has_stacked_layers(state.params):
+            raise ValueError(
+                "grpo_step(salt=...) does not support scanned layers yet (SALT's Gram taps are "
+                "per layer module): build the model with ModelConfig(scan_layers=False)."
+            )
         loss, grads, metrics, stats = salt_policy_gradients(
             state.graphdef, state.params, state.rest, batch, config, salt
         )

@@ -93,7 +93,7 @@ class ModelConfig:
     scan_layers: bool | None = None
     attention_impl: Literal["xla", "blockwise", "cudnn", "auto"] = "auto"
     attention_block_size: int = 512
-    logits_chunk_tokens: int = 2048
+    logits_chunk_tokens: int = 1024
     prefill_chunk_tokens: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None

@@ -127,7 +127,7 @@ def chunked_logprobs(
     targets: jax.Array,  # int32 [N, L]
     temperature: float = 1.0,
     *,
-    chunk_tokens: int = 2048,
+    chunk_tokens: int = 1024,
 ) -> tuple[jax.Array, jax.Array]:  # f32 [N, L] log-probs, f32 [N, L] entropy (no grad)
     """:func:`token_logprobs` and :func:`token_entropy` of ``head(hidden)``, never whole.
 

@@ -109,7 +109,7 @@ def predict(
     h, k, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     tokens = n * (t - 1)
     p = param_count(c)
-    out = {"params": 4 * p, "adam": 8 * p, "grads": 4 * p, "updates": 4 * p}
+    out = {"params": 4 * p, "adam": 8 * p, "grads": 4 * p}
     if c.remat and c.remat_policy == "nothing_saveable":
         per_layer_saved = d * b  # the layer input
     elif c.remat:  # save_dots: the matmul outputs too
@@ -117,6 +117,8 @@ def predict(
     else:  # everything the backward reads (approximate)
         per_layer_saved = (6 * d + 3 * (h + 2 * k) * hd + 4 * f) * b + 2 * h * 4
     out["saved_activations"] = nl * tokens * per_layer_saved
+    if w > b and c.remat:  # CPU: the scan also keeps an f32 copy of the saved layer inputs
+        out["saved_activations"] += nl * tokens * d * w
     # One layer's backward working set (recomputed forward + cotangents): the f32
     # residual-stream copies of the norms, q/k/v/o, the SwiGLU tensors, and the
     # blockwise attention residuals (out + m, l).
@@ -130,17 +132,15 @@ def predict(
     out["hidden_and_cotangent"] = 2 * tokens * d * 4
     if longact_on:  # [L, C] statistics and masks: negligible next to the rest
         out["longact"] = nl * 8 * (h + k) * hd * 4
-    out["temp"] = sum(
-        out[key]
-        for key in (
-            "grads",
-            "updates",
-            "saved_activations",
-            "layer_transient",
-            "logits_chunk",
-            "hidden_and_cotangent",
-        )
-    ) + out.get("longact", 0)
+    # Peak: gradients and saved activations live throughout the backward; the head's
+    # chunk and one layer's working set are live at different times.
+    out["temp"] = (
+        out["grads"]
+        + out["saved_activations"]
+        + out["hidden_and_cotangent"]
+        + max(out["layer_transient"], out["logits_chunk"])
+        + out.get("longact", 0)
+    )
     out["args"] = out["params"] + out["adam"]
     return out
 

@@ -61,7 +61,7 @@ def left_right_padded(b, t, lengths, completion_stop):
     return valid
 
 
-@pytest.mark.parametrize("block", [4, 7, 64])
+@pytest.mark.parametrize("block", [7, 64])  # 3 blocks (T = 19 padded to 21), one block
 def test_blockwise_equals_xla_values_and_grads(block):
     """Training shape (S = T) with left padding, early-stopping rows and GQA; blocks
     that do and do not divide T, and one block covering everything."""

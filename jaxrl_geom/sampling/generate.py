@@ -297,17 +297,23 @@ _generate_jit = jax.jit(
 
 
 def _batch_constraint(mesh: Mesh | None):
-    """``tree -> tree`` pinning the leading (batch) axis of every array to the batch axes."""
+    """``tree -> tree`` pinning the batch axis of every array to the batch axes: the
+    leading one, except for a scanned model's stacked KV cache ``[L, B, S, K, hd]``."""
     if mesh is None:
         return lambda tree: tree
 
-    def pin(x: jax.Array) -> jax.Array:
-        if x.ndim == 0:
+    def pin(x: jax.Array, axis: int = 0) -> jax.Array:
+        if x.ndim <= axis:
             return x
-        spec = P(BATCH_AXES, *([P.UNCONSTRAINED] * (x.ndim - 1)))
-        return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        spec = [P.UNCONSTRAINED] * x.ndim
+        spec[axis] = BATCH_AXES
+        return lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
 
     def constrain(tree):
+        if hasattr(tree, "k") and hasattr(tree, "valid") and not isinstance(tree.k, tuple):
+            return tree._replace(  # stacked cache: batch is axis 1
+                k=pin(tree.k, 1), v=pin(tree.v, 1), valid=pin(tree.valid)
+            )
         return jax.tree.map(pin, tree)
 
     return constrain

@@ -279,7 +279,7 @@ def test_step_temp_memory_is_linear_in_sequence_length():
     scratch memory (+10%); the XLA attention on the same model grows faster (the
     [N, H, T, T] scores), which shows the measurement can tell the two apart."""
     base = dataclasses.replace(
-        ModelConfig.tiny(256, hidden_size=64, num_hidden_layers=2),
+        ModelConfig.tiny(256, hidden_size=64, num_hidden_layers=1),  # compile time ~ layers
         remat=True,
         attention_block_size=64,
         logits_chunk_tokens=128,

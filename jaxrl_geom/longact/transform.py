@@ -35,9 +35,10 @@ TARGETS: tuple[str, ...] = ("q", "k")
 DEFAULT_KEEP_RATIO = 0.3
 
 #: Parameter paths LongAct masks: ``[...]layers.<i>.self_attn.<q|k>_proj.<kernel|bias>``,
-#: with an optional trailing ``.value`` (``nnx.Variable`` leaves of an ``nnx.State``).
+#: with an optional trailing ``.value`` (``nnx.Variable`` leaves of an ``nnx.State``);
+#: without ``<i>`` the parameter is stacked over layers (``[L, in, C]`` / ``[L, C]``).
 DEFAULT_PARAM_PATTERN = (
-    r"(?:^|\.)layers\.(?P<layer>\d+)\.self_attn\.(?P<target>[a-z]+)_proj"
+    r"(?:^|\.)layers\.(?:(?P<layer>\d+)\.)?self_attn\.(?P<target>[a-z]+)_proj"
     r"\.(?P<kind>kernel|bias)(?:\.value)?$"
 )
 
@@ -401,11 +402,13 @@ def _compile_pattern(param_pattern: str) -> re.Pattern:
     return pattern
 
 
-def _match(pattern: re.Pattern, path: tuple[Any, ...]) -> tuple[int, str, str] | None:
+def _match(pattern: re.Pattern, path: tuple[Any, ...]) -> tuple[int | None, str, str] | None:
+    """``(layer, target, kind)``; ``layer`` is None for a parameter stacked over layers."""
     m = pattern.search(path_to_str(path))
     if m is None or m.group("target") not in TARGETS:
         return None
-    return int(m.group("layer")), m.group("target"), m.group("kind")
+    layer = m.groupdict().get("layer")
+    return (None if layer is None else int(layer)), m.group("target"), m.group("kind")
 
 
 def _attention_layout(
@@ -417,12 +420,14 @@ def _attention_layout(
         hit = _match(pattern, path)
         if hit is None or hit[1] not in targets or hit[2] != "kernel":
             continue
-        if jnp.ndim(leaf) != 2:
+        if jnp.ndim(leaf) != (2 if hit[0] is not None else 3):
             raise ValueError(
                 f"{path_to_str(path)} has shape {jnp.shape(leaf)}; LongAct expects an [in, out] "
-                "kernel per layer (one layers.<i> entry per decoder layer, not scanned)."
+                "kernel per layer (layers.<i>) or one [L, in, out] stack (scanned layers)."
             )
-        found[hit[1]][hit[0]] = jnp.shape(leaf)[-1]
+        layers = [hit[0]] if hit[0] is not None else range(jnp.shape(leaf)[0])
+        for layer in layers:
+            found[hit[1]][layer] = jnp.shape(leaf)[-1]
     shapes = {}
     for t, per_layer in found.items():
         if not per_layer:
@@ -486,12 +491,16 @@ def _apply_masks(updates: Any, masks: dict[str, jax.Array], pattern: re.Pattern)
             return u
         layer, t, _ = hit
         num_layers, c = masks[t].shape
-        if layer >= num_layers or jnp.shape(u)[-1:] != (c,):
+        stacked_ok = layer is not None or jnp.shape(u)[:1] == (num_layers,)
+        if (layer or 0) >= num_layers or jnp.shape(u)[-1:] != (c,) or not stacked_ok:
             raise ValueError(
                 f"update {path_to_str(path)} of shape {jnp.shape(u)} does not fit the LongAct "
                 f"state (L={num_layers}, C={c}); init the optimizer with the same params."
             )
         matched.append(t)
+        if layer is None:  # stacked [L, (in,) C]: row l takes mask l
+            m = masks[t].reshape(num_layers, *([1] * (jnp.ndim(u) - 2)), c)
+            return jnp.where(m, u, jnp.zeros((), u.dtype))
         return jnp.where(masks[t][layer], u, jnp.zeros((), u.dtype))  # [C] over the last axis
 
     out = jax.tree_util.tree_map_with_path(apply, updates)

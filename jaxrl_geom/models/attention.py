@@ -8,20 +8,55 @@ cache, the cache length with one), ``H`` query heads, ``K`` key/value heads,
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrl_geom.models.blockwise import MASK_VALUE, blockwise_attention
 from jaxrl_geom.models.config import ModelConfig
 from jaxrl_geom.models.layers import Linear, RMSNorm, apply_rope, rope_inv_freq
 from jaxrl_geom.models.taps import channel_stats
 
-# Large negative but finite: a query row whose keys are all masked (a padded row)
-# gets a uniform softmax and finite outputs instead of NaN.
-MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+AttentionImpl = Literal["xla", "blockwise", "cudnn", "auto"]
+ATTENTION_IMPLS = ("xla", "blockwise", "cudnn", "auto")
 
 
 def attend(
+    q: jax.Array,  # [B, T, H, hd]
+    k: jax.Array,  # [B, S, K, hd]
+    v: jax.Array,  # [B, S, K, hd]
+    kv_valid: jax.Array,  # bool [B, S]
+    q_offset: jax.Array | int,  # slot of query 0
+    *,
+    impl: AttentionImpl = "xla",
+    block: int = 512,
+) -> jax.Array:  # [B, T, H, hd]
+    """Causal masked softmax attention, one entry point for every implementation.
+
+    * ``"xla"``: :func:`attend_xla`, the reference; holds ``[B, H, T, S]`` f32 scores.
+    * ``"blockwise"``: :func:`~jaxrl_geom.models.blockwise.blockwise_attention`, online
+      softmax over ``block``-token blocks; memory ``O(T block)`` forward and backward.
+    * ``"cudnn"``: :func:`attend_cudnn` (GPU, bf16/fp16, cache-free calls only).
+    * ``"auto"``: blockwise when keys span more than one block, else xla. (cuDNN is not
+      chosen automatically until validated on a GPU against the reference.)
+
+    All agree on query rows with at least one allowed key; rows without one
+    (padding) are finite and unspecified.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r}; use one of {ATTENTION_IMPLS}.")
+    if impl == "auto":
+        impl = "blockwise" if k.shape[1] > block else "xla"
+    if impl == "blockwise":
+        return blockwise_attention(q, k, v, kv_valid, q_offset, block=block)
+    if impl == "cudnn":
+        return attend_cudnn(q, k, v, kv_valid, q_offset)
+    return attend_xla(q, k, v, kv_valid, q_offset)
+
+
+def attend_xla(
     q: jax.Array,  # [B, T, H, hd]
     k: jax.Array,  # [B, S, K, hd]
     v: jax.Array,  # [B, S, K, hd]
@@ -49,6 +84,55 @@ def attend(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, K, G, hd]
     return out.reshape(b, t, h, hd)
+
+
+def attend_cudnn(
+    q: jax.Array,  # [B, T, H, hd]
+    k: jax.Array,  # [B, T, K, hd]
+    v: jax.Array,  # [B, T, K, hd]
+    kv_valid: jax.Array,  # bool [B, T]
+    q_offset: jax.Array | int,
+) -> jax.Array:  # [B, T, H, hd]
+    """``jax.nn.dot_product_attention(implementation="cudnn")`` for cache-free calls.
+
+    cuDNN takes right padding (sequence lengths), ours is a left-padded prompt then a
+    right-padded completion: one contiguous span of valid tokens per row. Each row
+    is rotated so its span starts at slot 0 (RoPE is already applied, so attention
+    only sees the order, which rotation keeps), attended with ``is_causal`` and the
+    span lengths, and rotated back. Rows whose valid tokens are not one contiguous
+    span are not supported (use "blockwise").
+    """
+    if isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]:
+        pass
+    else:
+        raise ValueError(
+            'attention_impl="cudnn" serves cache-free calls only; use "auto" or "blockwise" '
+            "with a KV cache."
+        )
+    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            'attention_impl="cudnn" needs a GPU and dtype="bfloat16" or "float16"; use '
+            '"blockwise" elsewhere.'
+        )
+    t = q.shape[1]
+    start = jnp.argmax(kv_valid, axis=1).astype(jnp.int32)  # [B] first valid slot
+    length = jnp.sum(kv_valid, axis=1).astype(jnp.int32)  # [B]
+    idx = (jnp.arange(t)[None, :] + start[:, None]) % t  # [B, T]
+    back = (jnp.arange(t)[None, :] - start[:, None]) % t
+
+    def gather(x: jax.Array, where: jax.Array) -> jax.Array:
+        return jnp.take_along_axis(x, where[:, :, None, None], axis=1)
+
+    out = jax.nn.dot_product_attention(
+        gather(q, idx),
+        gather(k, idx),
+        gather(v, idx),
+        is_causal=True,
+        query_seq_lengths=jnp.maximum(length, 1),
+        key_value_seq_lengths=jnp.maximum(length, 1),
+        implementation="cudnn",
+    )
+    return gather(out, back)
 
 
 class Attention(nnx.Module):
@@ -120,7 +204,15 @@ class Attention(nnx.Module):
                 cache_kv[1], v.astype(cache_kv[1].dtype), (0, index, 0, 0)
             )
             new_cache = (k, v)  # [B, S, K, hd] each
-        out = attend(q.astype(k.dtype), k, v, kv_valid, index)  # [B, T, H, hd]
+        out = attend(
+            q.astype(k.dtype),
+            k,
+            v,
+            kv_valid,
+            index,
+            impl=c.attention_impl,
+            block=c.attention_block_size,
+        )  # [B, T, H, hd]
         return self.o_proj(out.reshape(b, t, -1)), new_cache  # [B, T, D]
 
     def _capture(

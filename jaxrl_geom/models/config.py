@@ -27,6 +27,8 @@ import jax.numpy as jnp
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 ModelType = Literal["llama", "qwen2", "qwen3"]
 _DTYPES = ("float32", "bfloat16", "float16")
+#: ``scan_layers=None`` scans models with more layers than this.
+SCAN_LAYERS_ABOVE = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +57,18 @@ class ModelConfig:
     q/k/v (always on for qwen2); llama and qwen3 then also have an ``o_proj`` bias,
     as in HF (see :attr:`o_proj_bias`). ``dtype`` is the compute dtype,
     ``param_dtype`` the storage dtype of the parameters (keep it float32 for
-    training). ``remat`` recomputes each layer in the backward pass. Token ids are
-    carried only so that ``to_hf`` writes them back.
+    training). ``remat`` recomputes each layer in the backward pass, saving nothing
+    (``remat_policy="nothing_saveable"``) or the matmul outputs (``"save_dots"``).
+    ``scan_layers`` stacks the layers' parameters on a leading ``[L]`` axis and runs
+    them under ``lax.scan`` (one compiled layer); ``None`` scans above
+    :data:`SCAN_LAYERS_ABOVE` layers (see :attr:`scanned`).
+    ``attention_impl`` picks the attention form (:func:`jaxrl_geom.models.attention.attend`:
+    "xla" reference, "blockwise" O(T) memory, "cudnn" GPU, "auto") and
+    ``attention_block_size`` its query/key block. The train step runs the LM head
+    over ``logits_chunk_tokens`` positions at a time (its largest float32 array is
+    ``[logits_chunk_tokens, V]``); the sampler's prefill feeds the prompt
+    ``prefill_chunk_tokens`` at a time. Token ids are carried only so that
+    ``to_hf`` writes them back.
     """
 
     model_type: ModelType
@@ -77,6 +89,12 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    remat_policy: Literal["nothing_saveable", "save_dots"] = "nothing_saveable"
+    scan_layers: bool | None = None
+    attention_impl: Literal["xla", "blockwise", "cudnn", "auto"] = "auto"
+    attention_block_size: int = 512
+    logits_chunk_tokens: int = 1024
+    prefill_chunk_tokens: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -111,6 +129,28 @@ class ModelConfig:
                     f"ModelConfig.{name}={getattr(self, name)!r}; use one of {_DTYPES} "
                     "(pass the dtype's name, e.g. 'bfloat16')."
                 )
+        if self.remat_policy not in ("nothing_saveable", "save_dots"):
+            raise ValueError(
+                f"ModelConfig.remat_policy={self.remat_policy!r}; use 'nothing_saveable' or "
+                "'save_dots' (and remat=False for no rematerialisation)."
+            )
+        if self.attention_impl not in ("xla", "blockwise", "cudnn", "auto"):
+            raise ValueError(
+                f"ModelConfig.attention_impl={self.attention_impl!r}; use one of 'xla', "
+                "'blockwise', 'cudnn', 'auto'."
+            )
+        if int(self.prefill_chunk_tokens) < 1:
+            raise ValueError(
+                f"ModelConfig.prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}."
+            )
+        if int(self.logits_chunk_tokens) < 1:
+            raise ValueError(
+                f"ModelConfig.logits_chunk_tokens must be >= 1, got {self.logits_chunk_tokens}."
+            )
+        if int(self.attention_block_size) < 1:
+            raise ValueError(
+                f"ModelConfig.attention_block_size must be >= 1, got {self.attention_block_size}."
+            )
         if self.model_type == "qwen2" and not self.attention_bias:
             raise ValueError("qwen2 always has a q/k/v bias: set attention_bias=True.")
         if self.qk_norm != (self.model_type == "qwen3"):
@@ -125,6 +165,14 @@ class ModelConfig:
     def o_proj_bias(self) -> bool:
         """HF llama/qwen3 put ``attention_bias`` on o_proj too; qwen2 never does."""
         return self.attention_bias and self.model_type != "qwen2"
+
+    @property
+    def scanned(self) -> bool:
+        """Layers stacked and scanned: ``scan_layers``, or by default more than
+        :data:`SCAN_LAYERS_ABOVE` layers."""
+        if self.scan_layers is None:
+            return self.num_hidden_layers > SCAN_LAYERS_ABOVE
+        return bool(self.scan_layers)
 
     @property
     def compute_dtype(self) -> jnp.dtype:

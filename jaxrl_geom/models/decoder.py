@@ -34,8 +34,8 @@ class KVCache(NamedTuple):
     ``index + T <= S`` (``dynamic_update_slice`` clamps out-of-range offsets).
     """
 
-    k: tuple[jax.Array, ...]  # per layer [B, S, K, hd], after RoPE
-    v: tuple[jax.Array, ...]  # per layer [B, S, K, hd]
+    k: tuple[jax.Array, ...] | jax.Array  # per layer [B, S, K, hd] (scanned: [L, B, S, K, hd])
+    v: tuple[jax.Array, ...] | jax.Array  # after RoPE; v likewise
     valid: jax.Array  # bool [B, S] slot holds a real token
     index: jax.Array  # int32 [] next write offset
 
@@ -48,10 +48,15 @@ def init_cache(
         raise ValueError(f"init_cache needs batch > 0 and max_len > 0, got {batch}, {max_len}.")
     dtype = jnp.dtype(config.dtype if dtype is None else dtype)
     shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+    if config.scanned:  # one stacked buffer per k / v, updated in place layer by layer
+        k = jnp.zeros((config.num_hidden_layers, *shape), dtype)
+        v = jnp.zeros((config.num_hidden_layers, *shape), dtype)
+    else:
+        k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+        v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
     return KVCache(
-        k=zeros,
-        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
+        k=k,
+        v=v,
         valid=jnp.zeros((batch, max_len), bool),
         index=jnp.zeros((), jnp.int32),
     )
@@ -90,6 +95,24 @@ def _call_layer(layer: DecoderLayer, *args):
     return layer(*args)
 
 
+def _remat_policy(config: ModelConfig):
+    if config.remat_policy == "save_dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return jax.checkpoint_policies.nothing_saveable
+
+
+def _stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """One ``DecoderLayer`` whose parameters carry a leading ``[L]`` axis (logical
+    axis ``None``: layers are never sharded)."""
+
+    @nnx.split_rngs(splits=config.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+    def create(rngs: nnx.Rngs) -> DecoderLayer:
+        return DecoderLayer(config, rngs=rngs)
+
+    return create(rngs)
+
+
 class Decoder(nnx.Module):
     """Decoder LM with Hugging Face parameter names (see docs/DESIGN.md).
 
@@ -108,9 +131,12 @@ class Decoder(nnx.Module):
         self.embed_tokens = Embedding(
             config.vocab_size, config.hidden_size, dtype=dt, param_dtype=pdt, rngs=rngs
         )
-        self.layers = nnx.List(
-            [DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
-        )
+        if config.scanned:
+            self.layers = _stacked_layers(config, rngs)  # params [L, ...]
+        else:
+            self.layers = nnx.List(
+                [DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
+            )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dt, param_dtype=pdt)
         if config.tie_word_embeddings:
             self.lm_head = None
@@ -143,6 +169,24 @@ class Decoder(nnx.Module):
         (meaningless) logits.
         """
         self._check_inputs(tokens, positions, attention_mask, cache, logits_slice)
+        h, cache = self.hidden(tokens, positions, attention_mask, cache)  # [B, T, D]
+        if logits_slice == "last":
+            h = h[:, -1:]  # [B, 1, D] left padding: the last column is real in every row
+        return self.head(h), cache
+
+    def hidden(
+        self,
+        tokens: jax.Array,  # int32 [B, T]
+        positions: jax.Array,  # int32 [B, T]
+        attention_mask: jax.Array,  # bool [B, T]
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final-normed hidden states ``[B, T, D]`` (compute dtype), before the LM head.
+
+        ``model(...)`` is ``model.head(model.hidden(...)[0])``; callers that need
+        logits at a few positions, or in chunks, slice the hidden states first.
+        """
+        self._check_inputs(tokens, positions, attention_mask, cache, None)
         attention_mask = attention_mask.astype(bool)
         if cache is None:
             kv_valid, index = attention_mask, 0
@@ -150,10 +194,18 @@ class Decoder(nnx.Module):
             kv_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
             index = cache.index
 
+        h = self.embed_tokens(tokens)  # [B, T, D]
+        if self.config.scanned:
+            h, new_kv = self._scan_layers(h, positions, attention_mask, kv_valid, cache, index)
+            h = self.norm(h)
+            if cache is None:
+                return h, None
+            t = tokens.shape[1]
+            return h, KVCache(*new_kv, kv_valid, cache.index + t)
+
         call = _call_layer
         if self.config.remat:
-            call = nnx.remat(_call_layer, policy=jax.checkpoint_policies.nothing_saveable)
-        h = self.embed_tokens(tokens)  # [B, T, D]
+            call = nnx.remat(_call_layer, policy=_remat_policy(self.config))
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
@@ -161,15 +213,52 @@ class Decoder(nnx.Module):
             if layer_cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
-
-        if logits_slice == "last":
-            h = h[:, -1:]  # [B, 1, D] left padding: the last column is real in every row
         h = self.norm(h)
-        logits = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
         if cache is None:
-            return logits, None
+            return h, None
         t = tokens.shape[1]
-        return logits, KVCache(tuple(new_k), tuple(new_v), kv_valid, cache.index + t)
+        return h, KVCache(tuple(new_k), tuple(new_v), kv_valid, cache.index + t)
+
+    def _scan_layers(self, h, positions, attention_mask, kv_valid, cache, index):
+        """``lax.scan`` over the stacked layers; the cache rides in the carry and is
+        updated in place at layer ``l``; q/k statistics come out stacked ``[L, C]``."""
+        graphdef, state = nnx.split(self.layers)
+        capture = self.layers.self_attn.capture_qk
+
+        def layer_fn(layer_state, h, cache_kv):
+            layer = nnx.merge(graphdef, layer_state)
+            if not capture:
+                h, cache_kv = layer(h, positions, attention_mask, kv_valid, cache_kv, index)
+                return h, cache_kv, None
+            (h, cache_kv), inter = nnx.capture(_call_layer, nnx.Intermediate)(
+                layer, h, positions, attention_mask, kv_valid, cache_kv, index
+            )
+            return h, cache_kv, nnx.to_pure_dict(inter)["self_attn"]["qk_stats"][0]
+
+        if self.config.remat:
+            layer_fn = jax.checkpoint(layer_fn, policy=_remat_policy(self.config))
+
+        def body(carry, xs):
+            h, k_all, v_all = carry
+            layer_state, i = xs
+            cache_kv = None if cache is None else (k_all[i], v_all[i])
+            h, cache_kv, stats = layer_fn(layer_state, h, cache_kv)
+            if cache is not None:
+                k_all = jax.lax.dynamic_update_index_in_dim(k_all, cache_kv[0], i, 0)
+                v_all = jax.lax.dynamic_update_index_in_dim(v_all, cache_kv[1], i, 0)
+            return (h, k_all, v_all), stats
+
+        n = self.config.num_hidden_layers
+        k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
+        (h, k_all, v_all), stats = jax.lax.scan(body, (h, k_all, v_all), (state, jnp.arange(n)))
+        if capture:  # one entry of stacked [L, C] statistics (taps.collect_qk_stats)
+            self.layers.self_attn.sow(nnx.Intermediate, "qk_stats", stats)
+        return h, (k_all, v_all)
+
+    def head(self, h: jax.Array) -> jax.Array:  # [..., T, D] -> f32 [..., T, V]
+        """The LM head (tied: the embedding's transpose) on final-normed hidden states."""
+        logits = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        return logits.astype(jnp.float32)
 
     def _check_inputs(self, tokens, positions, attention_mask, cache, logits_slice) -> None:
         if (
@@ -186,9 +275,14 @@ class Decoder(nnx.Module):
             raise ValueError(f"logits_slice must be None or 'last', got {logits_slice!r}.")
         if cache is not None:
             slots = cache.valid.shape
-            if len(cache.k) != self.config.num_hidden_layers or slots[0] != tokens.shape[0]:
+            layers = len(cache.k)  # a tuple, or the stacked [L, ...] array
+            if (
+                layers != self.config.num_hidden_layers
+                or isinstance(cache.k, tuple) == self.config.scanned
+                or slots[0] != tokens.shape[0]
+            ):
                 raise ValueError(
-                    f"KVCache for {len(cache.k)} layers x batch {slots[0]} does not fit this "
+                    f"KVCache for {layers} layers x batch {slots[0]} does not fit this "
                     f"model ({self.config.num_hidden_layers} layers) and batch {tokens.shape[0]}; "
                     "build it with init_cache(model.config, batch, max_len)."
                 )

@@ -34,6 +34,7 @@ PathParts = tuple[Any, ...]
 class KeySpec(NamedTuple):
     path: PathParts  # our parameter path, e.g. ("layers", 0, "self_attn", "q_proj", "kernel")
     transpose: bool  # HF stores the transpose ([out, in])
+    layer: int | None = None  # scanned layout: row ``layer`` of the stacked [L, ...] array
 
 
 # (HF name, our path, transpose). Layer rows are under "model.layers.{i}." / ("layers", i).
@@ -63,15 +64,30 @@ LAYER_KEYS: tuple[tuple[str, PathParts, bool], ...] = (
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def key_map(param_paths: set[PathParts], num_layers: int) -> dict[str, KeySpec]:
-    """``{hf_name: KeySpec}`` for the parameters that exist (``param_paths``)."""
-    rows = [(name, path, t) for name, path, t in GLOBAL_KEYS]
+def key_map(
+    param_paths: set[PathParts], num_layers: int, scanned: bool = False
+) -> dict[str, KeySpec]:
+    """``{hf_name: KeySpec}`` for the parameters that exist (``param_paths``).
+
+    With ``scanned`` (``ModelConfig.scan_layers``) every ``model.layers.{i}.*`` tensor
+    is row ``i`` of the stacked parameter at ``("layers", ...)``.
+    """
+    rows = [(name, path, t, None) for name, path, t in GLOBAL_KEYS]
     for i in range(num_layers):
-        rows += [(f"model.layers.{i}.{n}", ("layers", i, *p), t) for n, p, t in LAYER_KEYS]
-    mapping = {name: KeySpec(path, t) for name, path, t in rows if path in param_paths}
-    if len(mapping) != len(param_paths):
-        unmapped = sorted(map(str, param_paths - {s.path for s in mapping.values()}))
-        raise ValueError(f"Parameters without a Hugging Face name: {unmapped[:5]}.")
+        rows += [
+            (f"model.layers.{i}.{n}", ("layers", *p) if scanned else ("layers", i, *p), t, i)
+            for n, p, t in LAYER_KEYS
+        ]
+    mapping = {
+        name: KeySpec(path, t, layer if scanned else None)
+        for name, path, t, layer in rows
+        if path in param_paths
+    }
+    unmapped = param_paths - {s.path for s in mapping.values()}
+    if unmapped:
+        raise ValueError(
+            f"Parameters without a Hugging Face name: {sorted(map(str, unmapped))[:5]}."
+        )
     return mapping
 
 
@@ -84,6 +100,7 @@ def load_pretrained(
     dtype: Any = None,
     *,
     param_dtype: Any = None,
+    **overrides: Any,
 ) -> Decoder:
     """Load a Hugging Face llama / qwen2 / qwen3 checkpoint directory as a :class:`Decoder`.
 
@@ -94,6 +111,7 @@ def load_pretrained(
         by its logical axes (:mod:`jaxrl_geom.sharding`); ``None``: default device.
       dtype: compute dtype (default float32, whatever the checkpoint's dtype).
       param_dtype: parameter storage dtype (default float32).
+      overrides: other :class:`ModelConfig` fields (e.g. ``attention_impl="blockwise"``).
 
     Raises:
       ValueError: missing directory/config, pickle-only (``.bin``) checkpoints,
@@ -102,13 +120,13 @@ def load_pretrained(
     from jaxrl_geom import sharding  # lazy: sharding is optional at this boundary
 
     root = Path(path).expanduser()
-    config = _read_config(root, dtype, param_dtype)
+    config = _read_config(root, dtype, param_dtype, overrides)
     files = _safetensors_files(root)
 
     abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(abstract_state))
-    mapping = key_map(set(flat), config.num_hidden_layers)
+    mapping = key_map(set(flat), config.num_hidden_layers, config.scanned)
     shardings = (
         dict(nnx.to_flat_state(sharding.param_shardings(abstract_state, mesh)))
         if mesh is not None
@@ -116,6 +134,8 @@ def load_pretrained(
     )
 
     loaded: dict[PathParts, nnx.Variable] = {}
+    stacks: dict[PathParts, np.ndarray] = {}  # scanned layout: host buffers [L, ...]
+    found: set[str] = set()
     unexpected: list[str] = []
     for file in files:
         with _safetensors(file) as f:
@@ -128,17 +148,20 @@ def load_pretrained(
                 variable = flat[spec.path]
                 array = _read_tensor(f, name, file)
                 array = array.T if spec.transpose else array
-                if array.shape != variable.shape:
+                want = variable.shape if spec.layer is None else variable.shape[1:]
+                if array.shape != want:
                     raise ValueError(
                         f"{name}: checkpoint shape {array.shape} (after transpose={spec.transpose})"
-                        f" != model shape {variable.shape}; config.json does not match the "
-                        "weights."
+                        f" != model shape {want}; config.json does not match the weights."
                     )
-                array = np.ascontiguousarray(array.astype(variable.dtype))
-                target = shardings[spec.path].get_value() if shardings else None
-                value = jnp.asarray(array) if target is None else jax.device_put(array, target)
-                loaded[spec.path] = variable.replace(value)
-    missing = sorted(n for n, s in mapping.items() if s.path not in loaded)
+                found.add(name)
+                if spec.layer is not None:  # stack on the host, place once complete
+                    if spec.path not in stacks:
+                        stacks[spec.path] = np.empty(variable.shape, variable.dtype)
+                    stacks[spec.path][spec.layer] = array
+                    continue
+                loaded[spec.path] = _place(variable, array, shardings, spec.path)
+    missing = sorted(n for n in mapping if n not in found)
     if missing or unexpected:
         raise ValueError(
             f"Checkpoint {root} does not match a {config.model_type} Decoder: missing "
@@ -146,6 +169,8 @@ def load_pretrained(
             f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. Check that config.json "
             "belongs to these weights."
         )
+    for path, array in stacks.items():
+        loaded[path] = _place(flat[path], array, shardings, path)
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
@@ -182,7 +207,22 @@ def _read_tensor(f: Any, name: str, file: Path) -> np.ndarray:
     return array
 
 
-def _read_config(root: Path, dtype: Any, param_dtype: Any) -> ModelConfig:
+def _place(
+    variable: nnx.Variable, array: np.ndarray, shardings: dict | None, path: PathParts
+) -> nnx.Variable:
+    """``variable`` holding ``array`` (cast), on its sharding when one is given."""
+    from jaxrl_geom import sharding  # lazy, as in load_pretrained
+
+    array = np.ascontiguousarray(array.astype(variable.dtype))
+    target = shardings[path].get_value() if shardings else None
+    if target is None:
+        return variable.replace(jnp.asarray(array))
+    return variable.replace(sharding.put_global(array, target))  # multi-process meshes too
+
+
+def _read_config(
+    root: Path, dtype: Any, param_dtype: Any, overrides: dict[str, Any] | None = None
+) -> ModelConfig:
     if not (root / "config.json").is_file():
         raise ValueError(
             f"{root} has no config.json; pass a Hugging Face model directory (saved with "
@@ -204,6 +244,7 @@ def _read_config(root: Path, dtype: Any, param_dtype: Any) -> ModelConfig:
         hf_config,
         dtype=_dtype_name(dtype),
         param_dtype=_dtype_name(param_dtype),
+        **(overrides or {}),
     )
 
 
@@ -265,7 +306,10 @@ def save_pretrained(model: Decoder, path: str | os.PathLike) -> None:
 
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     tensors = {}
-    for name, spec in key_map(set(flat), config.num_hidden_layers).items():
-        array = np.asarray(jax.device_get(flat[spec.path].get_value()))
+    host: dict[PathParts, np.ndarray] = {}  # one transfer per (stacked) parameter
+    for name, spec in key_map(set(flat), config.num_hidden_layers, config.scanned).items():
+        if spec.path not in host:
+            host[spec.path] = np.asarray(jax.device_get(flat[spec.path].get_value()))
+        array = host[spec.path] if spec.layer is None else host[spec.path][spec.layer]
         tensors[name] = np.ascontiguousarray(array.T if spec.transpose else array)
     save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})

@@ -116,9 +116,20 @@ def collect_qk_stats(model_or_intermediates: Any) -> dict[str, ChannelStats]:
             "collect_qk_stats found no 'qk_stats': call set_qk_capture(model, True) and run a "
             "cache-free forward first."
         )
+    if len(per_layer) == 1 and not any(isinstance(p, int) for p in per_layer[0][0]):
+        return per_layer[0][1]  # scanned layers (ModelConfig.scan_layers): already [L, C]
     per_layer.sort(key=lambda item: tuple(_sort_key(p) for p in item[0]))
     stats = [s for _, s in per_layer]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+
+
+def has_stacked_layers(params: Any) -> bool:
+    """True when ``params`` (an ``nnx.State``) holds scanned layers: ``layers.<name>``
+    paths with a leading ``[L]`` axis instead of ``layers.<i>.<name>``."""
+    return any(
+        len(path) > 1 and path[0] == "layers" and not isinstance(path[1], int)
+        for path, _ in nnx.to_flat_state(params)
+    )
 
 
 def _sort_key(part: Any) -> tuple[int, Any]:

@@ -12,6 +12,8 @@ Alignment (DESIGN.md ``RolloutBatch``): with a row laid out as
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -68,15 +70,20 @@ def token_entropy(
     """Entropy of the temperature-scaled next-token distribution at every position.
 
     .. math::
-        H_t = -\\sum_v p_{tv} \\log p_{tv} = \\log \\sum_v e^{z_{tv}} - \\sum_v p_{tv} z_{tv}
+        H_t = -\\sum_v p_{tv} \\log p_{tv}, \\qquad \\log p_{tv} = z_{tv} - \\log \\sum_u e^{z_{tu}}
+
+    summed as written (non-negative terms), not as ``lse - E_p[z]``, which cancels.
 
     The caller masks it (only completion tokens count) and usually wraps the logits
     in ``jax.lax.stop_gradient`` when it is a metric.
     """
     z = _scaled_logits(logits, temperature)  # [N, T, V]
-    lse = jax.nn.logsumexp(z, axis=-1)  # [N, T]
-    p = jax.nn.softmax(z, axis=-1)  # [N, T, V]
-    return lse - jnp.sum(p * z, axis=-1)
+    return _entropy(z, jax.nn.logsumexp(z, axis=-1))
+
+
+def _entropy(z: jax.Array, lse: jax.Array) -> jax.Array:  # [..., V], [...] -> [...]
+    logp = z - lse[..., None]
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
 def completion_logits_slice(
@@ -112,3 +119,62 @@ def completion_logits_slice(
             "run the model over tokens[:, :P+L-1] at least."
         )
     return jax.lax.slice_in_dim(logits, p - 1, p + l_comp - 1, axis=1)
+
+
+def chunked_logprobs(
+    head: Callable[[jax.Array], jax.Array],
+    hidden: jax.Array,  # [N, L, D]
+    targets: jax.Array,  # int32 [N, L]
+    temperature: float = 1.0,
+    *,
+    chunk_tokens: int = 1024,
+) -> tuple[jax.Array, jax.Array]:  # f32 [N, L] log-probs, f32 [N, L] entropy (no grad)
+    """:func:`token_logprobs` and :func:`token_entropy` of ``head(hidden)``, never whole.
+
+    The positions are cut into chunks of ``c = max(1, chunk_tokens // N)`` along ``L``
+    (the batch axis stays whole, so its sharding is kept); each chunk runs the head,
+    ``log pi(y_t) = z_{t,y_t} - logsumexp_v z_tv`` and ``H_t`` under
+    ``jax.checkpoint`` inside ``lax.map``. The largest float32 array is one chunk's
+    logits ``[N, c, V]``, in the forward and in the backward (which recomputes it).
+    The entropy is a metric: it carries no gradient.
+
+    Args:
+      head: hidden ``[N, c, D]`` -> logits ``[N, c, V]`` (e.g. ``Decoder.head``).
+      hidden: final-normed hidden states at the positions that predict ``targets``.
+      targets: the token ids those positions predict.
+      temperature: sampling temperature ``tau > 0``.
+      chunk_tokens: positions per chunk over the whole batch (``N * c``).
+    """
+    _check_temperature(temperature)
+    n, length = targets.shape
+    if hidden.shape[:2] != (n, length):
+        raise ValueError(
+            f"hidden {hidden.shape} and targets {targets.shape} disagree: hidden must be "
+            "[N, L, D] at the positions that predict targets [N, L]."
+        )
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}.")
+    c = max(1, min(length, chunk_tokens // max(n, 1)))
+    nc = -(-length // c)
+    pad = nc * c - length
+
+    def chunks(x: jax.Array) -> jax.Array:  # [N, L, ...] -> [nc, N, c, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape(n, nc, c, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def one_chunk(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        h_c, y_c = args  # [N, c, D], [N, c]
+        z = head(h_c).astype(jnp.float32) / temperature  # [N, c, V]
+        lse = jax.nn.logsumexp(z, axis=-1)  # [N, c]
+        picked = jnp.take_along_axis(z, y_c[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        zs, lse_s = jax.lax.stop_gradient(z), jax.lax.stop_gradient(lse)
+        entropy = _entropy(zs, lse_s)
+        return picked - lse, entropy
+
+    logp, entropy = jax.lax.map(one_chunk, (chunks(hidden), chunks(targets)))  # [nc, N, c]
+
+    def unchunk(x: jax.Array) -> jax.Array:
+        return jnp.swapaxes(x, 0, 1).reshape(n, nc * c)[:, :length]
+
+    return unchunk(logp), unchunk(entropy)

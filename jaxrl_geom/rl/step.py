@@ -201,13 +201,38 @@ def _check_finite_rows(name: str, x: jax.Array, completion_mask: jax.Array) -> N
         )
 
 
+def completion_hidden(model: nnx.Module, batch: RolloutBatch) -> jax.Array:  # [N, L, D]
+    """Final-normed hidden states at positions P-1 .. P+L-2 (they predict the completion)."""
+    l_comp = batch.completion_mask.shape[1]
+    hidden, _ = model.hidden(
+        batch.tokens[:, :-1], batch.positions[:, :-1], batch.attention_mask[:, :-1]
+    )  # [N, P+L-1, D]
+    return hidden[:, -l_comp:]
+
+
 def completion_logits(model: nnx.Module, batch: RolloutBatch) -> jax.Array:  # [N, L, V]
-    """Logits that predict the completion tokens (positions P-1 .. P+L-2)."""
+    """Logits that predict the completion tokens (positions P-1 .. P+L-2).
+
+    Runs the head at every position (SALT's tied-head Gram tap needs the logits
+    aligned with the token lookup); the train step uses :func:`completion_hidden`
+    and :func:`completion_logprobs` instead, which never hold ``[N, L, V]``.
+    """
     l_comp = batch.completion_mask.shape[1]
     logits, _ = model(
         batch.tokens[:, :-1], batch.positions[:, :-1], batch.attention_mask[:, :-1]
     )  # [N, P+L-1, V]
     return logits[:, -l_comp:]
+
+
+def completion_logprobs(
+    model: nnx.Module, hidden: jax.Array, batch: RolloutBatch, temperature: float
+) -> tuple[jax.Array, jax.Array]:  # f32 [N, L] log-probs, f32 [N, L] entropy (no grad)
+    """Log-probs and entropies of the completion tokens from ``completion_hidden``,
+    the LM head run in chunks of ``model.config.logits_chunk_tokens`` positions
+    (:func:`jaxrl_geom.rl.logprobs.chunked_logprobs`)."""
+    targets = batch.tokens[:, -batch.completion_mask.shape[1] :]  # [N, L]
+    chunk = model.config.logits_chunk_tokens
+    return lp.chunked_logprobs(model.head, hidden, targets, temperature, chunk_tokens=chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature"))
@@ -221,20 +246,19 @@ def policy_logprobs(
     """Teacher-forced log-probs of the completion tokens, e.g. under the frozen
     reference policy for the KL term (same temperature scaling as the sampler)."""
     model = nnx.merge(graphdef, params, rest)
-    targets = batch.tokens[:, -batch.completion_mask.shape[1] :]
-    return lp.token_logprobs(completion_logits(model, batch), targets, temperature)
+    return completion_logprobs(model, completion_hidden(model, batch), batch, temperature)[0]
 
 
 def forward_with_stats(
     model: nnx.Module, batch: RolloutBatch, capture: bool
 ) -> tuple[jax.Array, dict[str, taps.ChannelStats] | None]:
-    """Completion logits ``[N, L, V]`` and, with ``capture``, the per-layer q/k channel
-    statistics of this forward pass (reductions only, via ``nnx.capture``)."""
+    """Completion hidden states ``[N, L, D]`` and, with ``capture``, the per-layer q/k
+    channel statistics of this forward pass (reductions only, via ``nnx.capture``)."""
     if not capture:
-        return completion_logits(model, batch), None
+        return completion_hidden(model, batch), None
     taps.set_qk_capture(model, True)
-    logits, intermediates = nnx.capture(completion_logits, nnx.Intermediate)(model, batch)
-    return logits, taps.collect_qk_stats(intermediates)
+    hidden, intermediates = nnx.capture(completion_hidden, nnx.Intermediate)(model, batch)
+    return hidden, taps.collect_qk_stats(intermediates)
 
 
 def _loss(
@@ -249,9 +273,8 @@ def _loss(
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
     """Micro-batch share of the loss: numerator / (global denominator)."""
     model = nnx.merge(graphdef, params, rest)
-    logits, stats = forward_with_stats(model, batch, config.capture_activations)  # [n, L, V]
-    targets = batch.tokens[:, -batch.completion_mask.shape[1] :]  # [n, L]
-    logp = lp.token_logprobs(logits, targets, config.temperature)  # [n, L]
+    hidden, stats = forward_with_stats(model, batch, config.capture_activations)  # [n, L, D]
+    logp, entropy = completion_logprobs(model, hidden, batch, config.temperature)  # [n, L]
     terms = losses.policy_loss(
         logp,
         batch.old_logprobs,
@@ -268,7 +291,6 @@ def _loss(
         num_tokens=num_tokens,
     )
     mask = batch.completion_mask.astype(jnp.float32)
-    entropy = lp.token_entropy(jax.lax.stop_gradient(logits), config.temperature)
     metrics = dict(terms.metrics)
     metrics["entropy_sum"] = jnp.sum(entropy * mask)
     return terms.numerator / terms.denominator, (metrics, stats)
@@ -369,6 +391,11 @@ def grpo_step(
     if salt is not None:
         from jaxrl_geom.salt.policy import salt_policy_gradients  # lazy: salt imports rl
 
+        if taps.has_stacked_layers(state.params):
+            raise ValueError(
+                "grpo_step(salt=...) does not support scanned layers yet (SALT's Gram taps are "
+                "per layer module): build the model with ModelConfig(scan_layers=False)."
+            )
         loss, grads, metrics, stats = salt_policy_gradients(
             state.graphdef, state.params, state.rest, batch, config, salt
         )

@@ -25,7 +25,8 @@ and tunix ``generate/sampler.py``):
   argument (never a closure constant);
 * the KV cache has one write offset shared by the batch (left padding), RoPE
   positions come from the prompt mask (``cumsum(mask) - 1``);
-* prefill computes logits at the last position only; only the sampled tokens'
+* prefill runs the prompt in chunks (``ModelConfig.prefill_chunk_tokens``) and
+  computes logits at the last position only; only the sampled tokens'
   log-probs are stored (never ``[B, L, V]``); one ``device_get`` at the end;
 * masks come from lengths and the stop rule, never from token values, so
   ``pad_id`` may equal the EOS token.
@@ -33,6 +34,7 @@ and tunix ``generate/sampler.py``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -276,13 +278,11 @@ def _generate_impl(
             logprobs=lax.dynamic_update_slice(s.logprobs, logprob[:, None], (0, s.step)),
         )
 
-    # Prefill: the whole (bucketed) prompt, logits at the last position only.
+    # Prefill: the (bucketed) prompt in chunks of c tokens, logits at the last position only.
     positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=-1) - 1, 0)  # [B, P]
     cache = init_cache(model.config, batch, prompt_len + length_bucket, _cache_dtype(model))
     cache = constrain(cache)
-    logits, cache = model(
-        prompt_tokens, positions, prompt_mask, cache=cache, logits_slice="last"
-    )  # [B, 1, V]
+    logits, cache = _prefill(model, prompt_tokens, positions, prompt_mask, cache, constrain)
     state0 = _LoopState(
         step=jnp.zeros((), jnp.int32),
         cache=cache,
@@ -308,6 +308,33 @@ def _generate_impl(
     return final.completion, final.logprobs, final.lengths, final.stopped
 
 
+def _prefill(model, tokens, positions, mask, cache, constrain):
+    """Run the prompt through the model in chunks of ``c`` tokens, writing the cache.
+
+    ``c = gcd(P, model.config.prefill_chunk_tokens)`` (prompt buckets are powers of
+    two). Each chunk attends to the cache so far, so the largest activations are
+    ``[B, c, F]`` and attention is ``O(c S)`` (blockwise: ``O(c block)``); only the
+    last position's hidden state reaches the LM head: ``[B, 1, V]`` logits.
+    """
+    b, p = tokens.shape
+    c = math.gcd(p, int(getattr(model.config, "prefill_chunk_tokens", p)))
+
+    def chunks(x: jax.Array) -> jax.Array:  # [B, P] -> [P/c, B, c]
+        return jnp.swapaxes(x.reshape(b, p // c, c), 0, 1)
+
+    def one_chunk(cache, xs):
+        h, cache = model.hidden(*xs, cache=cache)  # [B, c, D]
+        return constrain(cache), h[:, -1]
+
+    if c == p:
+        h, cache = model.hidden(tokens, positions, mask, cache=cache)
+        last = h[:, -1]
+    else:
+        cache, lasts = lax.scan(one_chunk, cache, (chunks(tokens), chunks(positions), chunks(mask)))
+        last = lasts[-1]
+    return model.head(last[:, None]), cache  # [B, 1, V]: left padding, the last column is real
+
+
 _generate_jit = jax.jit(
     _generate_impl,
     static_argnames=("graphdef", "method", "length_bucket", "mesh", "per_row_keys"),
@@ -315,17 +342,23 @@ _generate_jit = jax.jit(
 
 
 def _batch_constraint(mesh: Mesh | None):
-    """``tree -> tree`` pinning the leading (batch) axis of every array to the batch axes."""
+    """``tree -> tree`` pinning the batch axis of every array to the batch axes: the
+    leading one, except for a scanned model's stacked KV cache ``[L, B, S, K, hd]``."""
     if mesh is None:
         return lambda tree: tree
 
-    def pin(x: jax.Array) -> jax.Array:
-        if x.ndim == 0:
+    def pin(x: jax.Array, axis: int = 0) -> jax.Array:
+        if x.ndim <= axis:
             return x
-        spec = P(BATCH_AXES, *([P.UNCONSTRAINED] * (x.ndim - 1)))
-        return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        spec = [P.UNCONSTRAINED] * x.ndim
+        spec[axis] = BATCH_AXES
+        return lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
 
     def constrain(tree):
+        if hasattr(tree, "k") and hasattr(tree, "valid") and not isinstance(tree.k, tuple):
+            return tree._replace(  # stacked cache: batch is axis 1
+                k=pin(tree.k, 1), v=pin(tree.v, 1), valid=pin(tree.valid)
+            )
         return jax.tree.map(pin, tree)
 
     return constrain

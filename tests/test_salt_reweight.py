@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxrl_geom.salt import DEFAULT_ENERGY, cancellation, reweight
+from jaxrl_geom.salt import cancellation, reweight
+from jaxrl_geom.salt.reweight import DEFAULT_ENERGY
 from jaxrl_geom.salt.reweight import _reweight
 
 # ---------------------------------------------------------------------------------------

@@ -306,8 +306,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     grpo_cfg = dataclasses.replace(cfg.grpo, temperature=cfg.sampling.temperature)
     if cfg.longact.enabled:
         grpo_cfg = dataclasses.replace(grpo_cfg, capture_activations=True)
-    salt_cfg = _salt_config(cfg)
-    salt_kwargs = {} if salt_cfg is None else {"salt": salt_cfg}
+    estimator = _salt_estimator(cfg)
 
     ckpt = Checkpointer(out_dir / "checkpoints")
     writer = metrics_lib.MetricsWriter(out_dir)
@@ -357,7 +356,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             )
         batch = sharding.shard_batch(batch, mesh)
         for _ in range(cfg.num_iterations):
-            state, step_metrics = grpo_step(state, batch, grpo_cfg, **salt_kwargs)
+            state, step_metrics = grpo_step(state, batch, grpo_cfg, estimator)
         row = {**info, **jax.device_get(step_metrics)}
         if grpo_round % cfg.eval_every == 0 or grpo_round == cfg.steps:
             row.update(evaluate(state, run))
@@ -397,14 +396,14 @@ def _ckpt_arrays(state: TrainState, key: jax.Array, reference: nnx.State | None)
     return arrays
 
 
-def _salt_config(cfg: TrainConfig) -> Any:
+def _salt_estimator(cfg: TrainConfig) -> Any:
+    """``grpo_step``'s SALT estimator from ``cfg.salt`` (None: plain GRPO)."""
     if not cfg.salt.enabled:
         return None
-    from jaxrl_geom.salt import SaltConfig
+    from jaxrl_geom.salt import SaltConfig, salt_estimator
 
-    s = dataclasses.asdict(cfg.salt)
-    del s["enabled"]
-    return SaltConfig(**s)
+    fields = {f.name: getattr(cfg.salt, f.name) for f in dataclasses.fields(SaltConfig)}
+    return salt_estimator(SaltConfig(**fields))
 
 
 def load_policy(run_dir: str | Path) -> tuple[nnx.Module, TrainConfig]:

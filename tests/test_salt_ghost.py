@@ -19,7 +19,13 @@ import pytest
 from flax import nnx
 
 from jaxrl_geom.models import Decoder, ModelConfig
-from jaxrl_geom.salt import SaltConfig, SaltKnobs, gram_from_features, gram_of_loss, per_sample_grads
+from jaxrl_geom.salt import (
+    SaltConfig,
+    SaltKnobs,
+    gram_from_features,
+    gram_of_loss,
+    per_sample_grads,
+)
 from jaxrl_geom.salt.ghost import attach_gram_taps, tied_cross_gram
 
 V, N, T = 64, 6, 9

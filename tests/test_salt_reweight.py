@@ -10,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxrl_geom.salt import cancellation, reweight
-from jaxrl_geom.salt.reweight import DEFAULT_ENERGY
-from jaxrl_geom.salt.reweight import _reweight
+from jaxrl_geom.salt.reweight import DEFAULT_ENERGY, _reweight
 
 # ---------------------------------------------------------------------------------------
 # Independent oracle: SPEC section 2, line by line, float64, no shared code.

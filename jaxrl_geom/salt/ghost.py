@@ -60,12 +60,19 @@ from jaxrl_geom.salt.gram import (
     _mm,
     check_scope,
     choose_backend,
+    dense_costs,
     dense_ghost_gram,
     dense_tiled_gram,
     embedding_ghost_gram,
     in_scope,
     path_to_str,
     scale_gram,
+)
+from jaxrl_geom.salt.table import (
+    embedding_unique_gram,
+    lookup_cost,
+    tied_costs,
+    tied_tiled_gram,
 )
 
 BACKENDS: tuple[str, ...] = ("auto", "ghost", "tiled", "sketch")
@@ -148,6 +155,12 @@ def _rows(a: jax.Array) -> jax.Array:
 
 
 def _lookup_gram(tokens: jax.Array, d: jax.Array, spec: _TapSpec) -> jax.Array:
+    """Exact lookup Gram by the cheaper of the token-match ghost form and the
+    unique-token form (:func:`jaxrl_geom.salt.table.lookup_cost`)."""
+    d = _rows(d)
+    cost = lookup_cost(*tokens.shape, d.shape[-1], spec.vocab_size)
+    if spec.backend != "ghost" and cost["unique"] < cost["ghost"]:
+        return embedding_unique_gram(tokens, d, spec.vocab_size)
     return embedding_ghost_gram(tokens, d, spec.vocab_size, block_elements=_GHOST_ELEMENTS)
 
 
@@ -230,6 +243,13 @@ def _tied_block(
         de, rows = _common(dy, rows)
         lookup = _mm("itk,itl->ikl", _mm("itd,dk->itk", de, r_in.astype(de.dtype)), rows)
         return _flat_gram(head + lookup)
+    n, t = tokens.shape
+    s_len, dim = h.shape[1], h.shape[-1]
+    head = dense_costs(n, s_len, dim, spec.vocab_size)
+    head = head[spec.backend] if spec.backend != "auto" else min(head.values())
+    cost = tied_costs(n, t, s_len, dim, spec.vocab_size, head)
+    if spec.backend == "tiled" or (spec.backend == "auto" and cost["tiled"] < cost["split"]):
+        return tied_tiled_gram(tokens, dy, h, d_logits, spec.vocab_size)
     cross = tied_cross_gram(tokens, dy, h, d_logits)
     return (
         _lookup_gram(tokens, dy, spec)
@@ -732,7 +752,8 @@ def gram_of_loss(
 
     def total(probes: nnx.State) -> tuple[jax.Array, Any]:
         # copy=True: fresh Variables at this trace level (nnx.remat'd layers update them).
-        per_row, aux = losses_of(nnx.merge(graphdef, probes, params, rest, copy=True))
+        with tap_calls():
+            per_row, aux = losses_of(nnx.merge(graphdef, probes, params, rest, copy=True))
         if per_row.shape != (num_rows,):
             raise ValueError(
                 f"loss_fn returned shape {per_row.shape}; expected per-row losses "

@@ -340,17 +340,23 @@ def dense_tiled_gram(
     return gram + _bias_gram(d) if bias else gram
 
 
+def dense_costs(n: int, t: int, d_in: int, d_out: int) -> dict[str, int]:
+    """FLOPs of a dense layer's Gram: ghost ``2 N^2 T^2 (d_in + d_out)``, tiled
+    ``2 N d_in d_out (T + N)`` (PERF.md section 4). Python ints, so no overflow."""
+    n, t, d_in, d_out = int(n), int(t), int(d_in), int(d_out)
+    return {"ghost": 2 * n * n * t * t * (d_in + d_out), "tiled": 2 * n * d_in * d_out * (t + n)}
+
+
 def choose_backend(n: int, t: int, d_in: int, d_out: int) -> Literal["ghost", "tiled"]:
     """SPEC's ``gram_backend="auto"`` rule for one dense layer, by FLOP count.
 
     .. math::
         \\text{ghost iff } N T^2 (d_{in} + d_{out}) < d_{in} d_{out} (T + N)
 
-    (ghost ``2 N^2 T^2 (d_in + d_out)`` vs tiled ``2 N d_in d_out (T + N)`` FLOPs;
-    PERF.md section 4). Python ints, so no overflow.
+    (:func:`dense_costs`; PERF.md section 4).
     """
-    n, t, d_in, d_out = int(n), int(t), int(d_in), int(d_out)
-    return "ghost" if n * t * t * (d_in + d_out) < d_in * d_out * (t + n) else "tiled"
+    cost = dense_costs(n, t, d_in, d_out)
+    return "ghost" if cost["ghost"] < cost["tiled"] else "tiled"
 
 
 def dense_gram(

@@ -69,8 +69,12 @@ def test_ghost_blocks_respect_the_budget_when_one_column_does_not_fit():
     assert rel_err(dense(x, d), want) < 1e-5
     feats = table_features(np.asarray(tokens), np.asarray(d, np.float64), 5)
     assert rel_err(lookup(tokens, d), feats @ feats.T) < 1e-5
+    h, d_logits = x, jnp.asarray(RNG.normal(size=(n, t, 5)), jnp.float32)
+    cross = jax.jit(lambda *a: tied_cross_gram(*a, block_elements=budget))
+    cross_args = (tokens, d, h, d_logits)
+    assert rel_err(cross(*cross_args), tied_cross_gram(*cross_args)) < 1e-5
     one_column = n * t * t * 4  # bytes of [N, 1, T, T] float32
-    for fn, args in ((dense, (x, d)), (lookup, (tokens, d))):
+    for fn, args in ((dense, (x, d)), (lookup, (tokens, d)), (cross, cross_args)):
         temp = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
         assert temp < one_column, temp
 

@@ -82,11 +82,6 @@ BACKENDS: tuple[str, ...] = ("auto", "ghost", "tiled", "sketch")
 _GHOST_ELEMENTS = 1 << 22
 
 
-def _ghost_chunk(n: int, t: int) -> int:
-    """Columns of a ghost block per step so ``[N, chunk, T, T]`` fits ``_GHOST_ELEMENTS``."""
-    return max(1, min(n, _GHOST_ELEMENTS // max(1, n * t * t)))
-
-
 class GramProbe(nnx.Variable):
     """A zero ``[N, N]`` input of one tap; its cotangent is the tap's Gram block."""
 
@@ -260,7 +255,12 @@ def _tied_block(
 
 
 def tied_cross_gram(
-    tokens: jax.Array, d_lookup: jax.Array, h: jax.Array, d_logits: jax.Array
+    tokens: jax.Array,
+    d_lookup: jax.Array,
+    h: jax.Array,
+    d_logits: jax.Array,
+    *,
+    block_elements: int = _GHOST_ELEMENTS,
 ) -> jax.Array:
     """Cross term of a tied table: ``C_ij = <lookup gradient of i, head gradient of j>``.
 
@@ -269,30 +269,46 @@ def tied_cross_gram(
                  D^{logits}_{js}[\\mathrm{tok}_{it}]
 
     (the lookup gradient of ``i`` is ``sum_t e_{tok_it} D^emb_it^T``, the head gradient
-    of ``j`` is ``sum_s D^logits_js h_js^T``, both ``[V, D]``). About ``2 N^2 T^2 D``
-    FLOPs, ``chunk`` columns at a time. Tokens outside ``[0, V)`` contribute nothing.
+    of ``j`` is ``sum_s D^logits_js h_js^T``, both ``[V, D]``). About ``2 N^2 T S D``
+    FLOPs, columns (and, when one column exceeds ``block_elements``, blocks of head
+    positions) at a time. Tokens outside ``[0, V)`` contribute nothing.
 
     Args:
       tokens: ``[N, T]`` ids fed to the lookup.
       d_lookup: ``[N, T, D]`` cotangent of the lookup output.
       h: ``[N, S, D]`` input of the tied head.
       d_logits: ``[N, S, V]`` cotangent of the logits.
+      block_elements: budget of one ``[N, T, s]`` intermediate.
 
     Returns:
       ``[N, N]`` float32 (not symmetric; the Gram adds ``C + C^T``).
     """
     n, t = tokens.shape
+    s_len = h.shape[1]
     vocab = d_logits.shape[-1]
     valid = (tokens >= 0) & (tokens < vocab)  # [N, T]
     d = jnp.where(valid[..., None], d_lookup.astype(jnp.float32), 0.0)  # [N, T, D]
     tok = jnp.clip(tokens, 0, vocab - 1)  # [N, T]
 
-    def column(h_j, dl_j):  # [S, D], [S, V] -> C[:, j] [N]
-        dh = _mm("itd,sd->its", d, h_j.astype(jnp.float32))  # [N, T, S]
-        picked = jnp.take(dl_j.astype(jnp.float32), tok, axis=1)  # [S, N, T]
+    def block(h_blk, dl_blk):  # [s, D], [s, V] -> sum over these head positions [N]
+        dh = _mm("itd,sd->its", d, h_blk.astype(jnp.float32))  # [N, T, s]
+        picked = jnp.take(dl_blk.astype(jnp.float32), tok, axis=1)  # [s, N, T]
         return _mm("its,sit->i", dh, picked)
 
-    return _columns(column, (h, d_logits), n, _ghost_chunk(n, max(t, h.shape[1])))
+    if n * t * s_len <= block_elements:
+        chunk = max(1, min(n, block_elements // (n * t * s_len)))
+        return _columns(block, (h, d_logits), n, chunk)
+    span = max(1, block_elements // (n * t))
+    num = -(-s_len // span)
+    pad = ((0, 0), (0, num * span - s_len), (0, 0))  # zero positions add nothing
+    hs = jnp.pad(h, pad).reshape(n, num, span, -1)
+    dls = jnp.pad(d_logits, pad).reshape(n, num, span, vocab)
+
+    def column(h_j, dl_j):  # [num, span, D], [num, span, V] -> C[:, j]
+        add = lambda acc, blk: (acc + block(*blk), None)  # noqa: E731
+        return jax.lax.scan(add, jnp.zeros((n,), jnp.float32), (h_j, dl_j))[0]
+
+    return jax.lax.map(lambda ops: column(*ops), (hs, dls)).T
 
 
 # ----------------------------------------------------------------------------------------

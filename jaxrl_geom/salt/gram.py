@@ -198,14 +198,6 @@ def _check_xd(x: jax.Array, d: jax.Array, name: str) -> None:
         )
 
 
-def _ghost_chunk(n: int, t: int, chunk_size: int | None) -> int:
-    if chunk_size is None:
-        chunk_size = max(1, _GHOST_BLOCK_ELEMENTS // max(1, n * t * t))
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}.")
-    return min(chunk_size, n)
-
-
 def _columns(column_fn: Callable, operands: tuple, n: int, chunk: int) -> jax.Array:
     """K[:, j] = column_fn(*operands[j]) for all j, ``chunk`` columns at a time."""
     if chunk >= n:

@@ -197,6 +197,7 @@ def _reference_update(
 def reference(policy, batch, config: GrpoConfig, salt_config: SaltConfig):
     """(update, diagnostics, plain loss, q/k stats) from the SPEC formulas + salt()."""
     graphdef, params, rest, logprobs = policy
+    salt_config = SaltConfig(salt_config.knobs, scope=salt_config.scope)  # what salt() reads
     mask = np.asarray(batch.completion_mask)
     current = logprobs(params, batch.tokens, batch.positions, batch.attention_mask)
     sequence = config.importance_sampling_level == "sequence"

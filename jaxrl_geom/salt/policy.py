@@ -1,4 +1,4 @@
-"""SALT's scalable path: the policy gradient of ``grpo_step(..., salt=SaltConfig(...))``.
+"""SALT's scalable path: ``grpo_step(state, batch, config, salt_estimator(SaltConfig()))``.
 
 The GRPO policy loss is, around the current parameters, linear in the advantages
 (SPEC section 2): with the clip indicators held fixed,

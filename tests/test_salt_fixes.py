@@ -192,3 +192,30 @@ def test_tied_table_backends_agree(backend):
     ref = jax.jit(lambda b: gram_of_loss(row_losses, model, *b, backend="ghost", **kw))(batch)
     got = jax.jit(lambda b: gram_of_loss(row_losses, model, *b, backend=backend, **kw))(batch)
     assert rel_err(got, ref) < 1e-5
+
+
+def test_the_seam_is_one_way():
+    """rl never imports salt (not even lazily), and salt uses only public rl names."""
+    import ast
+    import pathlib
+    import subprocess
+    import sys
+
+    code = "import sys, jaxrl_geom.rl; print(any('jaxrl_geom.salt' in m for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    root = pathlib.Path(__file__).parent.parent / "jaxrl_geom"
+
+    def imports(path):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                yield node.module or "", [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                yield from ((a.name, []) for a in node.names)
+
+    for path in (root / "rl").glob("*.py"):
+        assert not any(m.startswith("jaxrl_geom.salt") for m, _ in imports(path)), path
+    for path in (root / "salt").glob("*.py"):
+        for module, names in imports(path):
+            if module.startswith("jaxrl_geom.rl"):
+                assert not [n for n in names if n.startswith("_")], (path, names)

@@ -16,16 +16,14 @@ from flax import nnx
 from jaxrl_geom.models import Decoder, ModelConfig
 from jaxrl_geom.models.layers import Linear
 from jaxrl_geom.salt import gram_of_loss, reweight
-from jaxrl_geom.salt.ghost import (
-    DenseTap,
-    EmbeddingTap,
+from jaxrl_geom.salt.blocks import (
     _lookup_gram,
     _sketch_gram,
     _TapSpec,
     _tied_block,
-    attach_gram_taps,
     tied_cross_gram,
 )
+from jaxrl_geom.salt.ghost import DenseTap, EmbeddingTap, attach_gram_taps
 from jaxrl_geom.salt.gram import dense_ghost_gram, embedding_ghost_gram
 from jaxrl_geom.salt.table import (
     embedding_unique_gram,

@@ -26,7 +26,8 @@ from jaxrl_geom.salt import (
     gram_of_loss,
     per_sample_grads,
 )
-from jaxrl_geom.salt.ghost import attach_gram_taps, tied_cross_gram
+from jaxrl_geom.salt.blocks import tied_cross_gram
+from jaxrl_geom.salt.ghost import attach_gram_taps
 
 V, N, T = 64, 6, 9
 BASE = ModelConfig.tiny(V, hidden_size=32, num_hidden_layers=2)

@@ -24,17 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrl_geom.param_paths import path_to_str
-from jaxrl_geom.salt.ghost import (
-    DenseTap,
-    EmbeddingTap,
-    KeptD,
-    ScaleTap,
-    _dense_block,
-    _last,
-    _lookup_gram,
-    _Tap,
-    _tied_block,
-)
+from jaxrl_geom.salt.blocks import _dense_block, _last, _lookup_gram, _tied_block
+from jaxrl_geom.salt.ghost import DenseTap, EmbeddingTap, KeptD, ScaleTap, _Tap
 from jaxrl_geom.salt.gram import _mm, scale_gram
 
 Kept = dict[str, dict[str, jax.Array]]  # module path -> slot ("main" | "head") -> array

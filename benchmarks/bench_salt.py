@@ -17,7 +17,8 @@ turn (interleaved, so machine-load drift hits all of them alike), each call endi
 aliased``; ``extra`` is SALT's peak over plain's, as a fraction of plain's peak.
 ``FLOP x`` is the ratio expected from the FLOP model (SPEC section 2): plain ``6P`` per
 token (matmuls only), book-keeping ``6P`` + the Gram blocks, recompute ``8P`` + the Gram
-blocks (the Gram blocks of each op by the backend's FLOP count).
+blocks (the Gram blocks of each op by the backend's FLOP count); ``XLA FLOP x`` and
+``bytes x`` are the ratios of XLA's ``cost_analysis()`` of the compiled steps.
 
 Sizes (``--size``): ``tiny`` (2 layers, hidden 64, vocab 256, N = 16), ``small`` (8
 layers, hidden 128, N = 64), both with prompt 32 + completion 32; ``wide``: the widths
@@ -235,21 +236,31 @@ def bench(size_name: str, repeats: int) -> None:
         f"N = {n} rollouts x T = {t} tokens"
     )
     print(
-        f"{'variant':15s} {'step ms':>9s} {'x plain':>8s} {'FLOP x':>7s} {'compile s':>10s} "
-        f"{'temp MiB':>9s} {'peak MiB':>9s} {'extra':>6s}"
+        f"{'variant':15s} {'step ms':>9s} {'x plain':>8s} {'FLOP x':>7s} {'XLA FLOP x':>10s} "
+        f"{'bytes x':>8s} {'compile s':>10s} {'temp MiB':>9s} {'peak MiB':>9s} {'extra':>6s}"
     )
     ratios = flop_ratios(size)
     base_time = statistics.median(runs["plain"]["times"])
     base_peak = _peak(runs["plain"]["compiled"].memory_analysis())
+    base_flops, base_bytes = _cost(runs["plain"]["compiled"])
     for name, run in runs.items():
         mem = run["compiled"].memory_analysis()
         peak = _peak(mem)
         median = statistics.median(run["times"])
+        flops, bytes_accessed = _cost(run["compiled"])
         print(
             f"{name:15s} {median * 1e3:9.1f} {median / base_time:8.2f} {ratios[name]:7.2f} "
+            f"{flops / base_flops:10.2f} {bytes_accessed / base_bytes:8.2f} "
             f"{run['compile_s']:10.1f} {mem.temp_size_in_bytes / 2**20:9.1f} "
             f"{peak / 2**20:9.1f} {(peak - base_peak) / base_peak:6.2f}"
         )
+
+
+def _cost(compiled) -> tuple[float, float]:
+    """XLA's own count of the step's FLOPs and bytes accessed."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
 def _peak(mem) -> int:

@@ -150,7 +150,7 @@ def parts(model: nnx.Module, batch: RolloutBatch) -> dict[str, Callable[[], None
     fns, stats, grads = {}, None, None
     for name, capture in (("loss", False), ("loss+capture", True)):
         loss = functools.partial(
-            step_lib._loss,
+            step_lib.micro_batch_loss,
             graphdef=graphdef,
             config=GrpoConfig(capture_activations=capture),
             num_sequences=jnp.float32(batch.tokens.shape[0]),

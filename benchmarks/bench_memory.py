@@ -7,7 +7,7 @@ activations, gradients and transients live; ``args``: params + AdamW state + bat
 the first-call compile time, and :func:`predict`'s figures for the same shapes.
 
 Variants: ``plain`` GRPO; ``longact`` (q/k capture + ``longact()`` link);
-``salt`` (``salt=SaltConfig()``; needs unrolled layers, so compiled unscanned);
+``salt`` (``salt_estimator(SaltConfig())``; needs unrolled layers, so compiled unscanned);
 ``unrolled`` (plain with ``scan_layers=False``: the compile-time comparison).
 
 Sizes: ``0.6b`` is the Qwen3-0.6B shape (28 layers, D 1024, F 3072, 16 q / 8 kv heads
@@ -173,9 +173,9 @@ def compile_step(config: ModelConfig, variant: str, n: int, t: int, completion: 
         links.append(longact(keep_ratio=0.3))
         grpo = GrpoConfig(capture_activations=True)
     if variant == "salt":
-        from jaxrl_geom.salt import SaltConfig
+        from jaxrl_geom.salt import SaltConfig, salt_estimator
 
-        salt = SaltConfig()
+        salt = salt_estimator(SaltConfig())
     if variant in ("salt", "unrolled"):
         config = dataclasses.replace(config, scan_layers=False)
     tx = optax.chain(*links) if len(links) > 1 else links[0]

@@ -25,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jaxrl_geom.rl.step import GrpoConfig
+from jaxrl_geom.salt.config import DEFAULT_KEEP_BUDGET_GIB
+from jaxrl_geom.salt.reweight import SaltKnobs
 
 
 def _require(ok: bool, option: str, value: Any, rule: str) -> None:
@@ -134,18 +136,19 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SaltSpec:
-    """SALT options (``jaxrl_geom.salt``); ``enabled=False`` trains plain GRPO."""
+    """SALT options (``jaxrl_geom.salt``); ``enabled=False`` trains plain GRPO.
+
+    ``knobs`` is :class:`jaxrl_geom.salt.SaltKnobs` (``salt.knobs.gamma_max=2``); the
+    other fields are those of :class:`jaxrl_geom.salt.SaltConfig`.
+    """
 
     enabled: bool = False
-    gamma_max: float = 1.0
-    power: float = 1.0
-    energy: float | None = None
-    max_rank: int | None = None
-    renorm: Literal["update_norm", "coef_norm", "none"] = "update_norm"
-    recenter: bool = False
+    knobs: SaltKnobs = SaltKnobs()
     scope: str | None = None
     backend: Literal["auto", "ghost", "tiled", "sketch"] = "auto"
     sketch_dim: int = 64
+    seed: int = 0
+    keep_budget_gib: float = DEFAULT_KEEP_BUDGET_GIB
 
 
 @dataclasses.dataclass(frozen=True)

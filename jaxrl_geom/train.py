@@ -347,12 +347,12 @@ def prepare(cfg: TrainConfig) -> tuple[Run, nnx.Module, optax.GradientTransforma
     except ValueError as err:
         raise ValueError(f"longact: {err}") from None
     try:
-        salt_cfg = _salt_config(cfg)
+        estimator = _salt_estimator(cfg)
     except (ValueError, TypeError) as err:
         raise ValueError(f"salt: {err}") from None
     s = cfg.sampling
     Sample(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
-    return run, policy, tx, salt_cfg
+    return run, policy, tx, estimator
 
 
 # The optimizer is a static field of TrainState, so each new object recompiles the jitted
@@ -392,13 +392,12 @@ def train(
             raise ValueError(f"--resume {out_dir}: not a run directory (no config.json).")
     else:
         check_output_dir(out_dir, overwrite=overwrite)
-    run, policy, tx, salt_cfg = prepare(cfg)
+    run, policy, tx, estimator = prepare(cfg)
     rng = np.random.default_rng(cfg.seed)
     key = jax.random.key(cfg.seed)
     grpo_cfg = dataclasses.replace(cfg.grpo, temperature=cfg.sampling.temperature)
     if cfg.longact.enabled:
         grpo_cfg = dataclasses.replace(grpo_cfg, capture_activations=True)
-    salt_kwargs = {} if salt_cfg is None else {"salt": salt_cfg}
 
     phase, grpo_round, skipped_total = "warmup", 0, 0
     sft_state = TrainState.create(policy, _sft_optimizer(cfg.warmup.learning_rate))
@@ -456,7 +455,7 @@ def train(
                 )
             batch = sharding.shard_batch(batch, run.mesh)
             for _ in range(cfg.num_iterations):
-                state, step_metrics = grpo_step(state, batch, grpo_cfg, **salt_kwargs)
+                state, step_metrics = grpo_step(state, batch, grpo_cfg, estimator)
                 skipped = bool(float(step_metrics.get("skipped", 0.0)))
                 skipped_total += skipped
                 consecutive = consecutive + 1 if skipped else 0
@@ -510,14 +509,14 @@ def _ckpt_arrays(state: TrainState, key: jax.Array, reference: nnx.State | None)
     return arrays
 
 
-def _salt_config(cfg: TrainConfig) -> Any:
+def _salt_estimator(cfg: TrainConfig) -> Any:
+    """``grpo_step``'s SALT estimator from ``cfg.salt`` (None: plain GRPO)."""
     if not cfg.salt.enabled:
         return None
-    from jaxrl_geom.salt import SaltConfig
+    from jaxrl_geom.salt import SaltConfig, salt_estimator
 
-    s = dataclasses.asdict(cfg.salt)
-    del s["enabled"]
-    return SaltConfig(**s)
+    fields = {f.name: getattr(cfg.salt, f.name) for f in dataclasses.fields(SaltConfig)}
+    return salt_estimator(SaltConfig(**fields))
 
 
 def load_policy(run_dir: str | Path) -> tuple[nnx.Module, TrainConfig]:

@@ -55,7 +55,7 @@ def run_rounds(state: Any, mesh: Any, rounds: range, task: Any, tok: Any, config
 
     from jaxrl_geom.rl.step import grpo_step
     from jaxrl_geom.rollout import collect_rollouts
-    from jaxrl_geom.salt import SaltConfig
+    from jaxrl_geom.salt import SaltConfig, salt_estimator
     from jaxrl_geom.sampling import Sample
 
     records = []
@@ -74,7 +74,7 @@ def run_rounds(state: Any, mesh: Any, rounds: range, task: Any, tok: Any, config
             mesh=mesh,
         )
         t1 = time.perf_counter()
-        state, metrics = grpo_step(state, ro.batch, config, salt=SaltConfig())
+        state, metrics = grpo_step(state, ro.batch, config, salt_estimator(SaltConfig()))
         jax.block_until_ready(metrics)
         print(f"round {r}: rollouts {t1 - t0:.1f}s step {time.perf_counter() - t1:.1f}s",
               file=sys.stderr, flush=True)  # fmt: skip

@@ -36,7 +36,7 @@ from jaxrl_geom.longact import (
 from jaxrl_geom.models import Decoder, ModelConfig
 from jaxrl_geom.models.taps import ChannelStats
 from jaxrl_geom.rl import GrpoConfig, RolloutBatch, TrainState, grpo_step
-from jaxrl_geom.salt import SaltConfig
+from jaxrl_geom.salt import SaltConfig, salt_estimator
 from jaxrl_geom.sharding import make_mesh, shard_batch, shard_model
 
 # The same sizes as ModelConfig.tiny(48, hidden 32, 2 layers, 4 heads, 2 kv heads), as
@@ -198,7 +198,8 @@ def run(name: str) -> Run:
     out = Run([host_copy(nnx.to_pure_dict(state.params))], [], [], [], None)
     for s in range(recipe.steps):
         batch = make_batch(s) if mesh is None else shard_batch(make_batch(s), mesh)
-        state, metrics = grpo_step(state, batch, recipe.grpo, salt=recipe.salt)
+        estimator = None if recipe.salt is None else salt_estimator(recipe.salt)
+        state, metrics = grpo_step(state, batch, recipe.grpo, estimator)
         opt_state = host_copy(state.opt_state)
         out.params.append(host_copy(nnx.to_pure_dict(state.params)))
         out.spies.append(find(opt_state, SpyState))
@@ -441,7 +442,7 @@ def test_rope_pairs_are_selected_whole_and_head_scope_per_head():
 
 
 def test_salt_then_longact_keeps_frozen_columns_and_logs_both():
-    """grpo_step(salt=...) reweights the advantages; the LongAct link still masks the
+    """grpo_step with salt_estimator(...) reweights the advantages; the LongAct link still masks the
     final update exactly, from statistics captured in SALT's own forward pass."""
     r, plain = run("salt"), run("layer")
     for s, masks in enumerate(r.masks):

@@ -21,12 +21,13 @@ from flax import nnx
 from jaxrl_geom.models import Decoder, ModelConfig
 from jaxrl_geom.salt import (
     SaltConfig,
-    attach_gram_taps,
+    SaltKnobs,
     gram_from_features,
     gram_of_loss,
     per_sample_grads,
-    tied_cross_gram,
 )
+from jaxrl_geom.salt.blocks import tied_cross_gram
+from jaxrl_geom.salt.ghost import attach_gram_taps
 
 V, N, T = 64, 6, 9
 BASE = ModelConfig.tiny(V, hidden_size=32, num_hidden_layers=2)
@@ -253,8 +254,8 @@ def test_per_row_losses_are_required():
         (dict(sketch_dim=0), "sketch_dim must be a positive int"),
         (dict(scope="("), "not a valid regular expression"),
         (dict(scope=lambda p, x: True), "must be None or a regex"),
-        (dict(gamma_max=-1.0), "gamma_max"),
-        (dict(rank=2, energy=0.5), "either rank"),
+        (dict(knobs=dict(gamma_max=1.0)), "must be a jaxrl_geom.salt.SaltKnobs"),
+        (dict(keep_budget_gib=-1.0), "keep_budget_gib"),
     ],
 )
 def test_salt_config_validation(kwargs, match):
@@ -262,7 +263,20 @@ def test_salt_config_validation(kwargs, match):
         SaltConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(gamma_max=-1.0), "gamma_max"),
+        (dict(rank=2, energy=0.5), "either rank"),
+        (dict(zero_advantage="drop"), "zero_advantage must be one of"),
+    ],
+)
+def test_salt_knobs_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SaltKnobs(**kwargs)
+
+
 def test_salt_config_is_hashable_and_identity_flag():
     assert hash(SaltConfig()) == hash(SaltConfig())
-    assert SaltConfig(gamma_max=0.0).is_identity
-    assert not SaltConfig(gamma_max=0.0, recenter=True).is_identity
+    assert SaltKnobs(gamma_max=0.0).is_identity
+    assert not SaltKnobs(gamma_max=0.0, recenter=True).is_identity

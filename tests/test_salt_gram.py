@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrl_geom.salt import (
+from jaxrl_geom.param_paths import path_to_str
+from jaxrl_geom.salt.gram import (
     choose_backend,
     dense_ghost_gram,
     dense_gram,
     dense_tiled_gram,
     embedding_ghost_gram,
     gram_from_features,
-    path_to_str,
     per_sample_grads,
     scale_gram,
     sketch_dense_gram,

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import assert_f32_close
 
-from jaxrl_geom.salt import DEFAULT_ENERGY, cancellation, reweight
-from jaxrl_geom.salt.reweight import _reweight
+from jaxrl_geom.salt import cancellation, reweight
+from jaxrl_geom.salt.reweight import DEFAULT_ENERGY, _reweight
 
 # ---------------------------------------------------------------------------------------
 # Independent oracle: SPEC section 2, line by line, float64, no shared code.

@@ -188,12 +188,12 @@ def test_grpo_step_with_longact_scanned_equals_unrolled_on_8_devices(checkpoint)
 
 
 def test_salt_refuses_scanned_layers(checkpoint):
-    from jaxrl_geom.salt import SaltConfig
+    from jaxrl_geom.salt import SaltConfig, salt_estimator
 
     model = load_pretrained(checkpoint, scan_layers=True)
     state = TrainState.create(model, optax.sgd(0.1))
     with pytest.raises(ValueError, match="scan_layers=False"):
-        grpo_step(state, rollout_batch(0), GrpoConfig(), salt=SaltConfig())
+        grpo_step(state, rollout_batch(0), GrpoConfig(), salt_estimator(SaltConfig()))
 
 
 def test_scan_by_default_above_eight_layers():

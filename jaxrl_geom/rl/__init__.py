@@ -6,15 +6,20 @@ from jaxrl_geom.rl.logprobs import token_entropy, token_logprobs
 from jaxrl_geom.rl.losses import LossTerms, clip_active, policy_loss, token_weights
 from jaxrl_geom.rl.rollouts import make_rollout_batch, positions_from_mask, repeat_prompts
 from jaxrl_geom.rl.step import (
+    GradientEstimator,
+    Gradients,
     GrpoConfig,
     RolloutBatch,
     TrainState,
     grpo_step,
+    plain_gradients,
     policy_logprobs,
     validate_batch,
 )
 
 __all__ = [
+    "GradientEstimator",
+    "Gradients",
     "GrpoConfig",
     "LossTerms",
     "RolloutBatch",
@@ -26,6 +31,7 @@ __all__ = [
     "group_advantages",
     "group_stats",
     "make_rollout_batch",
+    "plain_gradients",
     "policy_logprobs",
     "policy_loss",
     "positions_from_mask",

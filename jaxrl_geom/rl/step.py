@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +33,6 @@ from jaxrl_geom import final_update
 from jaxrl_geom.models import taps
 from jaxrl_geom.rl import logprobs as lp
 from jaxrl_geom.rl import losses
-
-if TYPE_CHECKING:
-    from jaxrl_geom.salt.config import SaltConfig
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 
@@ -261,20 +259,18 @@ def forward_with_stats(
     return hidden, taps.collect_qk_stats(intermediates)
 
 
-def _loss(
-    params: nnx.State,
-    rest: nnx.State,
+def loss_and_metrics(
+    logp: jax.Array,
+    entropy: jax.Array,
     batch: RolloutBatch,
-    *,
-    graphdef: nnx.GraphDef,
     config: GrpoConfig,
+    *,
     num_sequences: jax.Array,
     num_tokens: jax.Array,
-) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
-    """Micro-batch share of the loss: numerator / (global denominator)."""
-    model = nnx.merge(graphdef, params, rest)
-    hidden, stats = forward_with_stats(model, batch, config.capture_activations)  # [n, L, D]
-    logp, entropy = completion_logprobs(model, hidden, batch, config.temperature)  # [n, L]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The micro-batch share of the loss, ``numerator / global denominator``, and its
+    metrics (with ``entropy_sum``), from the completion log-probs ``logp [n, L]`` and
+    the token entropies ``entropy [n, L]`` (a value: no gradient flows through it)."""
     terms = losses.policy_loss(
         logp,
         batch.old_logprobs,
@@ -293,10 +289,30 @@ def _loss(
     mask = batch.completion_mask.astype(jnp.float32)
     metrics = dict(terms.metrics)
     metrics["entropy_sum"] = jnp.sum(entropy * mask)
-    return terms.numerator / terms.denominator, (metrics, stats)
+    return terms.numerator / terms.denominator, metrics
 
 
-def _split_micro_batches(batch: RolloutBatch, m: int) -> RolloutBatch:
+def micro_batch_loss(
+    params: nnx.State,
+    rest: nnx.State,
+    batch: RolloutBatch,
+    *,
+    graphdef: nnx.GraphDef,
+    config: GrpoConfig,
+    num_sequences: jax.Array,
+    num_tokens: jax.Array,
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
+    """Micro-batch share of the loss (:func:`loss_and_metrics`) and ``(metrics, q/k stats)``."""
+    model = nnx.merge(graphdef, params, rest)
+    hidden, stats = forward_with_stats(model, batch, config.capture_activations)  # [n, L, D]
+    logp, entropy = completion_logprobs(model, hidden, batch, config.temperature)  # [n, L]
+    loss, metrics = loss_and_metrics(
+        logp, entropy, batch, config, num_sequences=num_sequences, num_tokens=num_tokens
+    )
+    return loss, (metrics, stats)
+
+
+def split_micro_batches(tree: Any, m: int) -> Any:
     """[N, ...] -> [m, N/m, ...], micro-batch k = rows k, k+m, ... (keeps the batch
     sharding: every micro-batch is spread over all data-parallel devices)."""
 
@@ -304,10 +320,15 @@ def _split_micro_batches(batch: RolloutBatch, m: int) -> RolloutBatch:
         x = x.reshape(x.shape[0] // m, m, *x.shape[1:])  # [N/m, m, ...]
         return jnp.swapaxes(x, 0, 1)  # [m, N/m, ...]
 
-    return jax.tree.map(split, batch)
+    return jax.tree.map(split, tree)
 
 
-def _merge_metrics(per_micro: dict[str, jax.Array], weights: jax.Array) -> dict[str, jax.Array]:
+def merge_micro_batches(tree: Any) -> Any:
+    """Inverse of :func:`split_micro_batches`: [m, N/m, ...] -> [N, ...]."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), tree)
+
+
+def merge_metrics(per_micro: dict[str, jax.Array], weights: jax.Array) -> dict[str, jax.Array]:
     """Combine stacked micro-batch metrics: token-weighted means, min of mins, max of maxes."""
     out = {}
     w = weights / jnp.maximum(jnp.sum(weights), 1.0)
@@ -325,7 +346,7 @@ def _merge_metrics(per_micro: dict[str, jax.Array], weights: jax.Array) -> dict[
     return out
 
 
-def _sum_stats_over_micro_batches(stack: taps.ChannelStats) -> taps.ChannelStats:
+def combine_micro_batch_stats(stack: taps.ChannelStats) -> taps.ChannelStats:
     """Combine per-micro-batch channel statistics stacked on axis 0."""
     return taps.ChannelStats(
         sum_abs=jnp.sum(stack.sum_abs, 0),
@@ -335,12 +356,110 @@ def _sum_stats_over_micro_batches(stack: taps.ChannelStats) -> taps.ChannelStats
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "salt"), donate_argnums=(0,))
+class Gradients(NamedTuple):
+    """What a gradient estimator hands to the optimizer part of :func:`grpo_step`."""
+
+    loss: jax.Array  # [] the clipped loss at the batch's advantages (a value)
+    grads: nnx.State  # shaped like the parameters
+    metrics: dict[str, jax.Array]  # loss metrics with "entropy_sum", plus the estimator's own
+    activation_stats: dict[str, taps.ChannelStats] | None  # LongAct q/k statistics
+
+
+class GradientEstimator(Protocol):
+    """The pluggable gradient computation of :func:`grpo_step`.
+
+    ``estimator(graphdef, params, rest, batch, config, step=step) -> Gradients``, traced
+    inside ``grpo_step``'s jit. It is passed as a jit ARGUMENT, so it must be a pytree:
+    array leaves are traced (changing them does not recompile), the rest is static (e.g.
+    a ``flax.struct.PyTreeNode``; wrap a plain function in ``jax.tree_util.Partial``).
+    :func:`plain_gradients` is the default; SALT's is ``jaxrl_geom.salt.salt_estimator``.
+    """
+
+    def __call__(
+        self,
+        graphdef: nnx.GraphDef,
+        params: nnx.State,
+        rest: nnx.State,
+        batch: RolloutBatch,
+        config: GrpoConfig,
+        *,
+        step: jax.Array,
+    ) -> Gradients: ...
+
+
+def accumulate_micro_batches(
+    fn: Callable[[Any], Gradients],
+    inputs: Any,
+    completion_mask: jax.Array,
+    m: int,
+    params: nnx.State,
+) -> Gradients:
+    """Sum ``fn`` over ``m`` micro-batches of ``inputs`` (:func:`split_micro_batches`):
+    losses and gradients (shaped like ``params``) add, metrics merge token-weighted
+    (:func:`merge_metrics`), q/k statistics combine. ``m == 1`` calls ``fn(inputs)``."""
+    if m == 1:
+        return fn(inputs)
+
+    def body(carry, mb):
+        out = fn(mb)
+        loss_acc, g_acc = carry
+        carry = (loss_acc + out.loss, jax.tree.map(jnp.add, g_acc, out.grads))
+        return carry, (out.metrics, out.activation_stats)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), (metrics_stack, stats_stack) = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), zeros), split_micro_batches(inputs, m)
+    )
+    tokens_per_micro = jnp.sum(split_micro_batches(completion_mask, m), axis=(1, 2))
+    metrics = merge_metrics(metrics_stack, tokens_per_micro.astype(jnp.float32))
+    stats = None
+    if stats_stack is not None:
+        stats = {k: combine_micro_batch_stats(v) for k, v in stats_stack.items()}
+    return Gradients(loss, grads, metrics, stats)
+
+
+def global_denominators(batch: RolloutBatch) -> tuple[jax.Array, jax.Array]:
+    """``(num_sequences, num_tokens)`` of the WHOLE batch, float32 scalars."""
+    num_sequences = jnp.asarray(batch.tokens.shape[0], jnp.float32)
+    return num_sequences, jnp.sum(batch.completion_mask.astype(jnp.float32))
+
+
+def plain_gradients(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    rest: nnx.State,
+    batch: RolloutBatch,
+    config: GrpoConfig,
+    *,
+    step: jax.Array | None = None,
+) -> Gradients:
+    """The default :class:`GradientEstimator`: ``value_and_grad`` of
+    :func:`micro_batch_loss`, accumulated over ``config.num_micro_batches``."""
+    del step
+    num_sequences, num_tokens = global_denominators(batch)
+    loss_fn = functools.partial(
+        micro_batch_loss,
+        graphdef=graphdef,
+        config=config,
+        num_sequences=num_sequences,
+        num_tokens=num_tokens,
+    )
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def one(mb: RolloutBatch) -> Gradients:
+        (loss, (metrics, stats)), grads = grad_fn(params, rest, mb)
+        return Gradients(loss, grads, metrics, stats)
+
+    m = config.num_micro_batches
+    return accumulate_micro_batches(one, batch, batch.completion_mask, m, params)
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnums=(0,))
 def grpo_step(
     state: TrainState,
     batch: RolloutBatch,
     config: GrpoConfig = GrpoConfig(),
-    salt: SaltConfig | None = None,
+    estimator: GradientEstimator | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on a rollout batch.
 
@@ -353,11 +472,10 @@ def grpo_step(
       state: the :class:`TrainState` (donated: do not reuse it after the call).
       batch: a :class:`RolloutBatch` of N rollouts.
       config: static :class:`GrpoConfig`.
-      salt: static :class:`~jaxrl_geom.salt.SaltConfig` or None. When given, the
-        policy gradient takes SALT's scalable path
-        (:func:`jaxrl_geom.salt.policy.salt_policy_gradients`: Gram by per-layer
-        taps, advantages reweighted, KL gradient unchanged) and ``salt/*`` metrics
-        are logged; ``SaltConfig(gamma_max=0.0)`` logs them on plain GRPO.
+      estimator: the gradient computation, a :class:`GradientEstimator` pytree (traced
+        leaves, e.g. SALT's knobs, never recompile); ``None`` is :func:`plain_gradients`.
+        ``jaxrl_geom.salt.salt_estimator(SaltConfig(...))`` reweights the advantages by
+        the Gram geometry and logs ``salt/*`` metrics.
 
     Returns:
       ``(new_state, metrics)`` with loss, grad/update norms, the loss metrics and,
@@ -375,49 +493,10 @@ def grpo_step(
     """
     validate_batch(batch, config)  # shapes are static: raises while tracing, before XLA
     _check_optimizer(state.opt_state, config)
-    n = batch.tokens.shape[0]
-    completion_mask = batch.completion_mask
-    num_sequences = jnp.asarray(n, jnp.float32)
-    num_tokens = jnp.sum(completion_mask.astype(jnp.float32))
-    loss_fn = functools.partial(
-        _loss,
-        graphdef=state.graphdef,
-        config=config,
-        num_sequences=num_sequences,
-        num_tokens=num_tokens,
-    )
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    m = config.num_micro_batches
-    if salt is not None:
-        from jaxrl_geom.salt.policy import salt_policy_gradients  # lazy: salt imports rl
-
-        if taps.has_stacked_layers(state.params):
-            raise ValueError(
-                "grpo_step(salt=...) does not support scanned layers yet (SALT's Gram taps are "
-                "per layer module): build the model with ModelConfig(scan_layers=False)."
-            )
-        loss, grads, metrics, stats = salt_policy_gradients(
-            state.graphdef, state.params, state.rest, batch, config, salt
-        )
-    elif m == 1:
-        (loss, (metrics, stats)), grads = grad_fn(state.params, state.rest, batch)
-    else:
-        micro = _split_micro_batches(batch, m)
-
-        def accumulate(carry, mb):
-            (loss_mb, aux), g_mb = grad_fn(state.params, state.rest, mb)
-            loss_acc, g_acc = carry
-            return (loss_acc + loss_mb, jax.tree.map(jnp.add, g_acc, g_mb)), aux
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (loss, grads), (metrics_stack, stats_stack) = jax.lax.scan(
-            accumulate, (jnp.zeros((), jnp.float32), zeros), micro
-        )
-        tokens_per_micro = jnp.sum(micro.completion_mask, axis=(1, 2)).astype(jnp.float32)
-        metrics = _merge_metrics(metrics_stack, tokens_per_micro)
-        stats = None
-        if stats_stack is not None:
-            stats = {k: _sum_stats_over_micro_batches(v) for k, v in stats_stack.items()}
+    num_tokens = jnp.sum(batch.completion_mask.astype(jnp.float32))
+    estimator = plain_gradients if estimator is None else estimator
+    out = estimator(state.graphdef, state.params, state.rest, batch, config, step=state.step)
+    loss, grads, metrics, stats = out
 
     extra: dict[str, Any] = {"coefficients": batch.advantages, "group_ids": batch.group_ids}
     if stats is not None:

@@ -1,4 +1,4 @@
-"""``SaltConfig``: the ``salt=`` option of ``grpo_step`` (SALT's scalable path)."""
+"""``SaltConfig``: SALT inside ``grpo_step`` (the knobs plus how the Gram is computed)."""
 
 from __future__ import annotations
 
@@ -7,68 +7,64 @@ import numbers
 from typing import Literal
 
 from jaxrl_geom.salt.gram import check_scope
-from jaxrl_geom.salt.reweight import DEFAULT_EPS, Renorm, check_knobs
+from jaxrl_geom.salt.reweight import SaltKnobs
 
 GramBackend = Literal["auto", "ghost", "tiled", "sketch"]
 GRAM_BACKENDS: tuple[str, ...] = ("auto", "ghost", "tiled", "sketch")
 
+#: Default budget for the book-keeping path's kept ``X`` and ``D`` (GiB).
+DEFAULT_KEEP_BUDGET_GIB = 16.0
+
 
 @dataclasses.dataclass(frozen=True)
 class SaltConfig:
-    """SALT inside ``grpo_step``: Gram by per-layer taps, one more backward for the update.
+    """SALT in ``grpo_step``: ``grpo_step(state, batch, config, salt_estimator(SaltConfig()))``.
 
-    ``grpo_step(state, batch, config, salt=SaltConfig(...))`` replaces the advantages
-    ``a`` of the policy-gradient part of the update by ``a' = reweight(K, a)`` with
-    ``K = Phi Phi^T`` the Gram of the per-rollout policy-gradient features, computed
-    WITHOUT materializing ``Phi`` (see :func:`jaxrl_geom.salt.policy.salt_policy_gradients`).
-    The KL gradient is added unchanged (SPEC section 2).
+    The advantages ``a`` of the policy-gradient part of the update are replaced by
+    ``a' = reweight(K, a)`` with ``K = Phi Phi^T`` the Gram of the per-rollout
+    policy-gradient features, computed WITHOUT materializing ``Phi``
+    (:mod:`jaxrl_geom.salt.policy`); the KL gradient is added unchanged (SPEC section 2).
 
     Attributes:
-      gamma_max, power, rank, energy, max_rank, renorm, recenter, eps: the knobs of
-        :func:`jaxrl_geom.salt.reweight` (same defaults). ``gamma_max=0`` (without
-        ``recenter``) makes the update exactly plain GRPO's while the ``salt/*``
-        geometry metrics are still logged: the way to monitor the Gram geometry of a
-        plain GRPO run.
+      knobs: the :class:`~jaxrl_geom.salt.SaltKnobs` of the reweighting (traced in the
+        step: changing them never recompiles, except into or out of
+        ``gamma_max=0`` without ``recenter``, which computes the update by the plain
+        step's code, bit for bit, while the ``salt/*`` geometry metrics are logged).
       scope: ``None`` (all parameters) or a regex searched in the '.'-joined parameter
-        path (``"layers\\.\\d+\\.mlp"``; same names as ``nnx.state(model, nnx.Param)``,
-        see :func:`jaxrl_geom.salt.path_to_str`). Restricts the Gram only; the update
-        covers every parameter.
-      backend: per dense layer (``Linear`` kernels, the untied LM head and the head half
-        of a tied table): ``"ghost"`` (``<X_i X_j^T, D_i D_j^T>_F``), ``"tiled"``
-        (column tiles of ``phi_i``), ``"auto"`` (the cheaper of the two by FLOPs,
-        :func:`jaxrl_geom.salt.choose_backend`) or ``"sketch"`` (Kronecker random
-        projection, approximate). Embedding lookups, norm scales and biases always
-        use their exact closed forms.
+        path (``"layers\\.\\d+\\.mlp"``; ``path_to_str`` names). Restricts the Gram only;
+        the update covers every parameter.
+      backend: per dense op (``Linear`` kernels, the untied LM head, a tied table):
+        ``"ghost"`` (``<X_i X_j^T, D_i D_j^T>_F``), ``"tiled"`` (column tiles of
+        ``phi_i``), ``"auto"`` (the cheaper of the two by FLOPs,
+        :func:`jaxrl_geom.salt.gram.choose_backend`) or ``"sketch"`` (Kronecker random
+        projection, approximate). Embedding lookups and norm scales use their exact
+        closed forms (a tied table under ``"sketch"`` is sketched as a whole).
       sketch_dim: ``k_in = k_out`` of the sketch (relative error about
-        ``sqrt(2/k_in + 2/k_out)``, :func:`jaxrl_geom.salt.sketch_dense_gram`).
-      seed: seed of the sketch projections (fixed per layer: ``fold_in`` of the
-        parameter path), so every step and device sees the same projections.
+        ``sqrt(2/k_in + 2/k_out)``).
+      seed: seed of the sketch projections, drawn per ``(seed, step, layer)``: fresh each
+        optimizer step, identical on every device.
+      keep_budget_gib: the update is formed by book-keeping (one backward pass: each
+        op's input ``X`` and output cotangent ``D`` are kept, then ``X^T diag(a') D``)
+        when those tensors take at most this many GiB (``X`` and ``D`` of every
+        ``Linear`` / ``Embedding`` / ``RMSNorm`` over the whole batch, one more ``D`` with
+        a KL term, in their compute dtype; the LM head's ``D`` is float32 logits-sized);
+        otherwise by a second backward pass (recompute). ``0`` forces the recompute
+        path, ``float("inf")`` book-keeping. Both give the same update.
     """
 
-    gamma_max: float = 1.0
-    power: float = 1.0
-    rank: int | None = None
-    energy: float | None = None
-    max_rank: int | None = None
-    renorm: Renorm = "update_norm"
-    recenter: bool = False
+    knobs: SaltKnobs = SaltKnobs()
     scope: str | None = None
     backend: GramBackend = "auto"
     sketch_dim: int = 64
     seed: int = 0
-    eps: float = DEFAULT_EPS
+    keep_budget_gib: float = DEFAULT_KEEP_BUDGET_GIB
 
     def __post_init__(self) -> None:
-        check_knobs(
-            gamma_max=self.gamma_max,
-            power=self.power,
-            rank=self.rank,
-            energy=self.energy,
-            max_rank=self.max_rank,
-            renorm=self.renorm,
-            num_groups=None,
-            eps=self.eps,
-        )
+        if not isinstance(self.knobs, SaltKnobs):
+            raise ValueError(
+                f"SaltConfig.knobs must be a jaxrl_geom.salt.SaltKnobs; got "
+                f"{type(self.knobs).__name__}, e.g. SaltConfig(knobs=SaltKnobs(gamma_max=1.0))."
+            )
         if self.scope is not None and not isinstance(self.scope, str):
             raise ValueError(
                 f"SaltConfig.scope must be None or a regex string (the config is hashable "
@@ -85,28 +81,14 @@ class SaltConfig:
                 f"SaltConfig.sketch_dim must be a positive int (sketch size per factor); got "
                 f"{self.sketch_dim!r}, e.g. 64."
             )
-        if not _is_int(self.seed):
-            raise ValueError(f"SaltConfig.seed must be an int; got {self.seed!r}.")
-        if not isinstance(self.recenter, bool):
-            raise ValueError(f"SaltConfig.recenter must be a bool; got {self.recenter!r}.")
-
-    @property
-    def is_identity(self) -> bool:
-        """Whether ``a' = a`` bit for bit (``gamma_max=0`` without re-centering)."""
-        return self.gamma_max == 0 and not self.recenter
-
-    def reweight_kwargs(self) -> dict:
-        """The keyword arguments of :func:`jaxrl_geom.salt.reweight` (and ``salt()``)."""
-        return dict(
-            gamma_max=self.gamma_max,
-            power=self.power,
-            rank=self.rank,
-            energy=self.energy,
-            max_rank=self.max_rank,
-            renorm=self.renorm,
-            recenter=self.recenter,
-            eps=self.eps,
-        )
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"SaltConfig.seed must be an int in [0, 2^32); got {self.seed!r}.")
+        budget = self.keep_budget_gib
+        if not isinstance(budget, numbers.Real) or isinstance(budget, bool) or budget < 0:
+            raise ValueError(
+                f"SaltConfig.keep_budget_gib must be a number >= 0 (GiB; 0 forces the "
+                f"recompute path); got {budget!r}."
+            )
 
 
 def _is_int(value) -> bool:

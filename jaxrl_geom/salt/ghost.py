@@ -40,10 +40,10 @@ of the logits) through the backward of the trunk.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import functools
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -52,31 +52,16 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_geom.models.layers import Embedding, Linear, RMSNorm
-from jaxrl_geom.salt.gram import (
-    _HI,
-    Scope,
-    _bias_gram,
-    _columns,
-    check_scope,
-    choose_backend,
-    dense_ghost_gram,
-    dense_tiled_gram,
-    embedding_ghost_gram,
-    in_scope,
-    path_to_str,
-    scale_gram,
+from jaxrl_geom.salt.blocks import (
+    _dense_block,
+    _lookup_gram,
+    _rows,
+    _TapSpec,
+    _tied_block,
 )
+from jaxrl_geom.salt.gram import Scope, check_scope, in_scope, path_to_str, scale_gram
 
 BACKENDS: tuple[str, ...] = ("auto", "ghost", "tiled", "sketch")
-
-#: Elements of one ``[N, chunk, T, T]`` ghost intermediate (16 MiB of float32). Smaller
-#: than ``salt.gram``'s default: the blocks of several ops can be live at once.
-_GHOST_ELEMENTS = 1 << 22
-
-
-def _ghost_chunk(n: int, t: int) -> int:
-    """Columns of a ghost block per step so ``[N, chunk, T, T]`` fits ``_GHOST_ELEMENTS``."""
-    return max(1, min(n, _GHOST_ELEMENTS // max(1, n * t * t)))
 
 
 class GramProbe(nnx.Variable):
@@ -84,103 +69,42 @@ class GramProbe(nnx.Variable):
 
 
 class SketchProjection(nnx.Variable):
-    """A fixed random projection ``[d, k]`` of a sketched dense op (never trained)."""
+    """A random projection ``[d, k]`` of a sketched dense op (never trained)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _TapSpec:
-    """Static description of one tap (hashable: a ``custom_vjp`` nondiff argument)."""
-
-    path: str  # module path, e.g. "layers.0.mlp.up_proj"
-    weight: bool  # the kernel / table / scale is in scope
-    bias: bool  # the bias is in scope (Linear only)
-    backend: str  # dense blocks: "auto" | "ghost" | "tiled" | "sketch"
-    vocab_size: int = 0  # Embedding only
-    tied: bool = False  # Embedding only: the table is also the LM head
+class KeptX(nnx.Variable):
+    """Book-keeping: a tapped op's input ``X`` (sown in the forward pass)."""
 
 
-# ----------------------------------------------------------------------------------------
-# Gram blocks
-# ----------------------------------------------------------------------------------------
+class KeptD(nnx.Variable):
+    """Book-keeping: a zero added to a tapped op's output; its gradient is ``D``."""
 
 
-def _rows(a: jax.Array) -> jax.Array:
-    """``[N, ..., C]`` -> ``[N, T', C]``: every middle axis is a token axis."""
-    return a.reshape(a.shape[0], -1, a.shape[-1])
+_ACTIVE_CALLS: list[set[str]] = []  # stack of "which taps ran in this forward" sets
 
 
-def _lookup_gram(tokens: jax.Array, d: jax.Array, spec: _TapSpec) -> jax.Array:
-    chunk = _ghost_chunk(*tokens.shape)
-    return embedding_ghost_gram(tokens, d, spec.vocab_size, chunk_size=chunk)
+@contextlib.contextmanager
+def tap_calls() -> Iterator[set[str]]:
+    """Record the taps called while tracing a forward pass; a second call of the same
+    tap raises (its cross-call terms would be lost from the Gram)."""
+    _ACTIVE_CALLS.append(set())
+    try:
+        yield _ACTIVE_CALLS[-1]
+    finally:
+        _ACTIVE_CALLS.pop()
 
 
-def _sketch_gram(x: jax.Array, d: jax.Array, r_in: jax.Array, r_out: jax.Array) -> jax.Array:
-    """``<R_in^T X_i^T D_i R_out, R_in^T X_j^T D_j R_out>_F``: the Kronecker sketch of
-    :func:`jaxrl_geom.salt.sketch_dense_gram` (same ``N(0, 1/k)`` factors, so the same
-    unbiasedness and variance) with the projections given instead of drawn."""
-    xs = jnp.einsum("itd,dk->itk", x, r_in, precision=_HI)  # [N, T, k_in]
-    ds = jnp.einsum("ite,el->itl", d, r_out, precision=_HI)  # [N, T, k_out]
-    psi = jnp.einsum("itk,itl->ikl", xs, ds, precision=_HI)  # [N, k_in, k_out]
-    flat = psi.reshape(psi.shape[0], -1)  # [N, k_in * k_out]
-    return jnp.dot(flat, flat.T, precision=_HI)
-
-
-def _dense_block(
-    x: jax.Array, d: jax.Array, spec: _TapSpec, projections: tuple, *, weight: bool
-) -> jax.Array:
-    """Gram of a dense op ``y = x W (+ b)`` from its input and output cotangent."""
-    x, d = _rows(x).astype(jnp.float32), _rows(d).astype(jnp.float32)  # [N, T, *]
-    n = x.shape[0]
-    gram = jnp.zeros((n, n), jnp.float32)
-    if weight:
-        backend = spec.backend
-        if backend == "auto":
-            backend = choose_backend(n, x.shape[1], x.shape[2], d.shape[2])
-        if backend == "sketch":
-            gram = _sketch_gram(x, d, *projections)
-        elif backend == "ghost":
-            gram = dense_ghost_gram(x, d, chunk_size=_ghost_chunk(n, x.shape[1]))
-        else:
-            gram = dense_tiled_gram(x, d)
-    if spec.bias:
-        gram = gram + _bias_gram(d)
-    return gram
-
-
-def tied_cross_gram(
-    tokens: jax.Array, d_lookup: jax.Array, h: jax.Array, d_logits: jax.Array
-) -> jax.Array:
-    """Cross term of a tied table: ``C_ij = <lookup gradient of i, head gradient of j>``.
-
-    .. math::
-        C_{ij} = \\sum_{t,s} \\langle D^{emb}_{it}, h_{js} \\rangle\\,
-                 D^{logits}_{js}[\\mathrm{tok}_{it}]
-
-    (the lookup gradient of ``i`` is ``sum_t e_{tok_it} D^emb_it^T``, the head gradient
-    of ``j`` is ``sum_s D^logits_js h_js^T``, both ``[V, D]``). About ``2 N^2 T^2 D``
-    FLOPs, ``chunk`` columns at a time. Tokens outside ``[0, V)`` contribute nothing.
-
-    Args:
-      tokens: ``[N, T]`` ids fed to the lookup.
-      d_lookup: ``[N, T, D]`` cotangent of the lookup output.
-      h: ``[N, S, D]`` input of the tied head.
-      d_logits: ``[N, S, V]`` cotangent of the logits.
-
-    Returns:
-      ``[N, N]`` float32 (not symmetric; the Gram adds ``C + C^T``).
-    """
-    n, t = tokens.shape
-    vocab = d_logits.shape[-1]
-    valid = (tokens >= 0) & (tokens < vocab)  # [N, T]
-    d = jnp.where(valid[..., None], d_lookup.astype(jnp.float32), 0.0)  # [N, T, D]
-    tok = jnp.clip(tokens, 0, vocab - 1)  # [N, T]
-
-    def column(h_j, dl_j):  # [S, D], [S, V] -> C[:, j] [N]
-        dh = jnp.einsum("itd,sd->its", d, h_j.astype(jnp.float32), precision=_HI)  # [N, T, S]
-        picked = jnp.take(dl_j.astype(jnp.float32), tok, axis=1)  # [S, N, T]
-        return jnp.einsum("its,sit->i", dh, picked, precision=_HI)
-
-    return _columns(column, (h, d_logits), n, _ghost_chunk(n, max(t, h.shape[1])))
+def _record_call(name: str) -> None:
+    if not _ACTIVE_CALLS:
+        return
+    if name in _ACTIVE_CALLS[-1]:
+        raise ValueError(
+            f"The Gram tap of {name!r} was called twice in one forward pass: the Gram "
+            "would lose the cross terms between the calls. SALT's taps need each Linear / "
+            "Embedding / RMSNorm applied once per forward (share weights by tying, not by "
+            "calling a layer twice), or use the materialized reference (per_sample_grads)."
+        )
+    _ACTIVE_CALLS[-1].add(name)
 
 
 # ----------------------------------------------------------------------------------------
@@ -282,13 +206,7 @@ def _tied_lookup_tap_fwd(spec, y, tokens, probe, projections):
 def _tied_lookup_tap_bwd(spec, residuals, cotangents):
     tokens, projections = residuals
     dy, (h, d_logits) = cotangents  # the carrier's cotangent is the head's (h, D^logits)
-    cross = tied_cross_gram(tokens, dy, h, d_logits)
-    gram = (
-        _lookup_gram(tokens, dy, spec)
-        + _dense_block(h, d_logits, spec, projections, weight=True)
-        + cross
-        + cross.T
-    )
+    dy, gram = _gram_now(dy, _tied_block(spec, projections, tokens, dy, h, d_logits))
     zeros = jax.tree.map(jnp.zeros_like, projections)
     return dy, _int_cotangent(tokens), gram, zeros
 
@@ -308,7 +226,7 @@ def _tied_head_tap_fwd(spec, logits, h, carrier):
 
 
 def _tied_head_tap_bwd(spec, h, d_logits):
-    carrier_ct = (h.astype(jnp.float32), d_logits.astype(jnp.float32))
+    carrier_ct = (h.astype(jnp.float32), d_logits.astype(jnp.float32))  # carrier dtype
     return d_logits, jnp.zeros_like(h), carrier_ct
 
 
@@ -326,16 +244,32 @@ class _Tap(nnx.Module):
         self.spec = spec
         self.r_in = nnx.data(None)  # SketchProjection [d_in, k] when sketched
         self.r_out = nnx.data(None)  # SketchProjection [d_out, k] when sketched
+        self.d_main = nnx.data(None)  # KeptD (book-keeping), shaped like the output
+        self.d_head = nnx.data(None)  # KeptD of a tied table's head (book-keeping)
 
     def projections(self) -> tuple:
         """``(R_in, R_out)`` of a sketched dense block, else ``()``."""
         return () if self.r_in is None else (self.r_in[...], self.r_out[...])
+
+    def _keep(self, slot: str, y: jax.Array, x: jax.Array) -> jax.Array:
+        """Book-keeping: sow ``x`` as ``KeptX``; add the zero probe whose gradient is ``D``
+        (before the probes exist, sow ``y`` so the caller learns its shape)."""
+        _record_call(f"{self.spec.path}.{slot}")
+        self.sow(KeptX, slot, x)
+        probe = getattr(self, f"d_{slot}")
+        if probe is None:
+            self.sow(KeptX, f"{slot}_out", y)
+            return y
+        return y + probe[...]
 
 
 class DenseTap(_Tap):
     """Tap of a ``Linear``: Gram of its kernel (and bias) gradients."""
 
     def __call__(self, y: jax.Array, x: jax.Array) -> jax.Array:
+        if self.spec.keep:
+            return self._keep("main", y, x)
+        _record_call(self.spec.path)
         return _dense_tap(self.spec, y, x, self.probe[...], self.projections())
 
 
@@ -343,6 +277,9 @@ class ScaleTap(_Tap):
     """Tap of an ``RMSNorm``: Gram of its scale gradients."""
 
     def __call__(self, y: jax.Array, x_hat: jax.Array) -> jax.Array:
+        if self.spec.keep:
+            return self._keep("main", y, x_hat)
+        _record_call(self.spec.path)
         return _scale_tap(self.spec, y, x_hat, self.probe[...])
 
 
@@ -354,6 +291,9 @@ class EmbeddingTap(_Tap):
         self.carrier = nnx.data(None)
 
     def __call__(self, y: jax.Array, tokens: jax.Array) -> jax.Array:
+        if self.spec.keep:
+            return self._keep("main", y, tokens)
+        _record_call(self.spec.path)
         if not self.spec.tied:
             return _lookup_tap(self.spec, y, tokens, self.probe[...])
         y, self.carrier = _tied_lookup_tap(
@@ -367,6 +307,8 @@ class EmbeddingTap(_Tap):
                 f"Embedding {self.spec.path!r} was tapped as untied but attend() was called: "
                 "pass tied_embeddings=True to attach_gram_taps for a tied LM head."
             )
+        if self.spec.keep:
+            return self._keep("head", logits, h)
         if self.carrier is None or self.carrier[1].shape[:2] != logits.shape[:2]:
             raise ValueError(
                 "The tied-head Gram tap needs the lookup of the same tokens first, with "
@@ -394,7 +336,10 @@ def attach_gram_taps(
     backend: str = "auto",
     sketch_dim: int = 64,
     seed: int | jax.Array = 0,
+    step: int | jax.Array = 0,
     tied_embeddings: bool | None = None,
+    keep: bool = False,
+    head_positions: int = 0,
 ) -> tuple[str, ...]:
     """Set a Gram tap on every ``Linear`` / ``Embedding`` / ``RMSNorm`` with a parameter in scope.
 
@@ -411,10 +356,16 @@ def attach_gram_taps(
         callable ``(path_str, parameter_value) -> bool``.
       backend: dense-op Gram backend, ``"auto"`` | ``"ghost"`` | ``"tiled"`` | ``"sketch"``.
       sketch_dim: sketch size per factor (``backend="sketch"``).
-      seed: seed of the sketch projections, an int or a traced integer scalar (the
-        projections are fixed per ``(seed, layer path)``).
+      seed, step: the sketch projections are drawn per ``(seed, step, layer path)``
+        (ints or traced integer scalars): fresh each optimizer step, the same on every
+        device.
       tied_embeddings: whether the embedding table is also the LM head (``attend``);
         default ``model.config.tie_word_embeddings`` when the model has a config.
+      keep: book-keeping taps on EVERY op (the update needs them all; ``scope`` still
+        selects the Gram): each sows its input as :class:`KeptX` and adds a
+        :class:`KeptD` probe (set by :func:`set_kept_d_probes`) whose gradient is ``D``.
+      head_positions: only the last ``head_positions`` positions of the LM head carry a
+        gradient (the completion); its Gram block skips the rest. 0: all positions.
 
     Returns:
       the sorted parameter paths that enter the Gram.
@@ -432,7 +383,8 @@ def attach_gram_taps(
         tied_embeddings = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", 0))
     if backend == "sketch" and not (isinstance(sketch_dim, int) and sketch_dim >= 1):
         raise ValueError(f"sketch_dim must be a positive int; got {sketch_dim!r}.")
-    spec = functools.partial(_TapSpec, backend=backend)
+    spec = functools.partial(_TapSpec, backend=backend, keep=keep)
+    head = getattr(model, "lm_head", None)
     covered: list[str] = []
     sketched: list[tuple[_Tap, int, int]] = []  # (tap, d_in, d_out) of sketched dense blocks
     for path, module in list(nnx.iter_modules(model)):
@@ -443,30 +395,35 @@ def attach_gram_taps(
                 scope, _join(path, "bias"), module.bias[...]
             )
             covered += [_join(path, "kernel")] * kernel + [_join(path, "bias")] * bias
-            if kernel or bias:
-                module.gram_tap = DenseTap(num_rows, spec(path=prefix, weight=kernel, bias=bias))
+            if kernel or bias or keep:
+                last = head_positions if module is head else 0
+                tap_spec = spec(path=prefix, weight=kernel, bias=bias, last=last)
+                module.gram_tap = DenseTap(num_rows, tap_spec)
                 if kernel:
                     sketched.append((module.gram_tap, *module.kernel.shape))
         elif isinstance(module, Embedding):
-            if in_scope(scope, _join(path, "embedding"), module.embedding[...]):
-                covered.append(_join(path, "embedding"))
+            selected = in_scope(scope, _join(path, "embedding"), module.embedding[...])
+            covered += [_join(path, "embedding")] * selected
+            if selected or keep:
                 table = spec(
                     path=prefix,
-                    weight=True,
+                    weight=selected,
                     bias=False,
                     vocab_size=module.embedding.shape[0],
                     tied=tied_embeddings,
+                    last=head_positions if tied_embeddings else 0,
                 )
                 module.gram_tap = EmbeddingTap(num_rows, table)
-                if tied_embeddings:  # the head half h E^T: a dense block [D, V]
+                if tied_embeddings and selected:  # the table as a dense block [D, V]
                     sketched.append((module.gram_tap, *module.embedding.shape[::-1]))
         elif isinstance(module, RMSNorm):
-            if in_scope(scope, _join(path, "scale"), module.scale[...]):
-                covered.append(_join(path, "scale"))
-                module.gram_tap = ScaleTap(num_rows, spec(path=prefix, weight=True, bias=False))
+            selected = in_scope(scope, _join(path, "scale"), module.scale[...])
+            covered += [_join(path, "scale")] * selected
+            if selected or keep:
+                module.gram_tap = ScaleTap(num_rows, spec(path=prefix, weight=selected, bias=False))
 
     if backend == "sketch":
-        _draw_projections(sketched, sketch_dim, seed)
+        _draw_projections(sketched, sketch_dim, seed, step)
 
     params = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
     wanted = {path_to_str(p) for p, leaf in params if in_scope(scope, path_to_str(p), leaf)}
@@ -486,12 +443,14 @@ def attach_gram_taps(
     return tuple(sorted(covered))
 
 
-def _draw_projections(sketched: list[tuple[_Tap, int, int]], k: int, seed: int | jax.Array) -> None:
-    """Give every sketched block fixed ``N(0, 1/k)`` projections ``R_in [d_in, k]``,
-    ``R_out [d_out, k]``, keyed by ``(seed, module path, side)``.
+def _draw_projections(
+    sketched: list[tuple[_Tap, int, int]], k: int, seed: int | jax.Array, step: int | jax.Array
+) -> None:
+    """Give every sketched block ``N(0, 1/k)`` projections ``R_in [d_in, k]``,
+    ``R_out [d_out, k]``, keyed by ``(seed, step, module path, side)``.
 
     Drawn in one vmapped call per distinct ``d`` (a handful per model) with the
-    ``rbg`` generator from key data ``[seed, crc32(path.side), 0, 0]``: the draws depend
+    ``rbg`` generator from key data ``[seed, crc32(path.side), step, 0]``: the draws depend
     on constants only, and XLA constant-folds threefry (also used by ``fold_in``) at
     compile time, slowly (seconds per layer); RngBitGenerator is not folded.
     """
@@ -502,7 +461,8 @@ def _draw_projections(sketched: list[tuple[_Tap, int, int]], k: int, seed: int |
         ids = np.asarray([zlib.crc32(f"{t.spec.path}.{side}".encode()) for t, side in group])
         seeds = jnp.full(ids.shape, seed, jnp.uint32)  # seed may be traced
         zeros = np.zeros(ids.shape, np.uint32)
-        key_data = jnp.stack([seeds, ids.astype(np.uint32), zeros, zeros], axis=1)  # [G, 4]
+        steps = jnp.full(ids.shape, step, jnp.uint32)  # step may be traced
+        key_data = jnp.stack([seeds, ids.astype(np.uint32), steps, zeros], axis=1)  # [G, 4]
         keys = jax.random.wrap_key_data(key_data, impl="rbg")
         draws = jax.vmap(lambda key, dim=dim: jax.random.normal(key, (dim, k), jnp.float32))(keys)
         draws = draws / np.sqrt(np.float32(k))  # [G, dim, k]
@@ -604,7 +564,8 @@ def gram_of_loss(
 
     def total(probes: nnx.State) -> tuple[jax.Array, Any]:
         # copy=True: fresh Variables at this trace level (nnx.remat'd layers update them).
-        per_row, aux = losses_of(nnx.merge(graphdef, probes, params, rest, copy=True))
+        with tap_calls():
+            per_row, aux = losses_of(nnx.merge(graphdef, probes, params, rest, copy=True))
         if per_row.shape != (num_rows,):
             raise ValueError(
                 f"loss_fn returned shape {per_row.shape}; expected per-row losses "

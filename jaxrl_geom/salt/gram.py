@@ -13,9 +13,12 @@ Two families (SPEC section 2, "Cost"; PERF.md section 4):
   ``scale_gram``; approximate: ``sketch_dense_gram`` (Kronecker random projection).
 
 Every function takes ``(x, d)`` exactly as a dense layer sees them, so a custom_vjp
-tap can call it in its backward rule. Contractions use ``Precision.HIGHEST``: the
-cancellation ratio compares ``a^T K a`` with ``a^T diag(K) a`` and low-precision
-matmuls would drown the difference (no effect on CPU).
+tap can call it in its backward rule. Arithmetic follows the inputs (``_mm``): 16-bit
+inputs (a bf16 model) are contracted as they are with float32 accumulation
+(``preferred_element_type``: the fast path of an accelerator); float32 inputs use
+``Precision.HIGHEST``, since the cancellation ratio compares ``a^T K a`` with
+``a^T diag(K) a`` and TF32-style matmuls would drown the difference. The results are
+float32; the eigendecomposition and the reweighting run in float32.
 """
 
 from __future__ import annotations
@@ -38,6 +41,29 @@ _HI = jax.lax.Precision.HIGHEST
 
 #: Elements of one [N, chunk, T, T] ghost intermediate (64 MiB of float32).
 _GHOST_BLOCK_ELEMENTS = 1 << 24
+
+#: Elements of one [N, d_in, tile] tile of per-sample kernel gradients (256 MiB of float32).
+_TILE_ELEMENTS = 1 << 26
+
+
+def _low(*arrays: jax.Array) -> jnp.dtype:
+    """The 16-bit dtype among the inputs, else float32 (the arithmetic dtype)."""
+    low = [a.dtype for a in arrays if jnp.dtype(a.dtype).itemsize < 4]
+    return low[0] if low else jnp.dtype(jnp.float32)
+
+
+def _mm(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``einsum`` with float32 output: 16-bit inputs at their own precision (f32
+    accumulation), float32 inputs at ``Precision.HIGHEST``."""
+    dtype = _low(a, b)
+    precision = _HI if dtype == jnp.float32 else None
+    return jnp.einsum(
+        subscripts,
+        a.astype(dtype),
+        b.astype(dtype),
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -172,14 +198,6 @@ def _check_xd(x: jax.Array, d: jax.Array, name: str) -> None:
         )
 
 
-def _ghost_chunk(n: int, t: int, chunk_size: int | None) -> int:
-    if chunk_size is None:
-        chunk_size = max(1, _GHOST_BLOCK_ELEMENTS // max(1, n * t * t))
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}.")
-    return min(chunk_size, n)
-
-
 def _columns(column_fn: Callable, operands: tuple, n: int, chunk: int) -> jax.Array:
     """K[:, j] = column_fn(*operands[j]) for all j, ``chunk`` columns at a time."""
     if chunk >= n:
@@ -193,9 +211,22 @@ def _bias_gram(d: jax.Array) -> jax.Array:
     return jnp.dot(g, g.T, precision=_HI)
 
 
-@functools.partial(jax.jit, static_argnames=("bias", "chunk_size"))
+def _ghost_chunks(n: int, t: int, block_elements: int) -> tuple[int, int]:
+    """``(columns, key positions)`` per step so ``[N, columns, T, s]`` fits the budget:
+    whole columns while one fits, else one column and a block of ``s`` positions."""
+    if n * t * t <= block_elements:
+        return min(n, block_elements // (n * t * t)), t
+    return 1, max(1, min(t, block_elements // max(1, n * t)))
+
+
+@functools.partial(jax.jit, static_argnames=("bias", "chunk_size", "block_elements"))
 def dense_ghost_gram(
-    x: jax.Array, d: jax.Array, bias: bool = False, *, chunk_size: int | None = None
+    x: jax.Array,
+    d: jax.Array,
+    bias: bool = False,
+    *,
+    chunk_size: int | None = None,
+    block_elements: int | None = None,
 ) -> jax.Array:
     """Exact per-sample-gradient Gram of a dense layer without forming ``X_i^T D_i``.
 
@@ -213,27 +244,50 @@ def dense_ghost_gram(
       x: ``[N, T, d_in]`` layer input (all tokens, prompt included).
       d: ``[N, T, d_out]`` output cotangent (zero on tokens that carry no loss).
       bias: add the bias term (the layer has a bias ``b``, ``grad_b = sum_t D_t``).
-      chunk_size: columns of ``K`` per step; ``None`` picks one from the memory budget.
+      chunk_size: columns of ``K`` per step; ``None`` picks them from ``block_elements``.
+      block_elements: budget of one ``[N, chunk, T, s]`` intermediate (default 2^24
+        elements); when one column exceeds it, the key positions are blocked too.
 
     Returns:
       ``[N, N]`` float32.
     """
     _check_xd(x, d, "dense_ghost_gram")
     n, t, _ = x.shape
-    x, d = x.astype(jnp.float32), d.astype(jnp.float32)
-
-    def column(x_j, d_j):  # [T, d_in], [T, d_out] -> K[:, j] [N]
-        xx = jnp.einsum("itd,sd->its", x, x_j, precision=_HI)  # [N, T, T]
-        dd = jnp.einsum("ite,se->its", d, d_j, precision=_HI)  # [N, T, T]
-        return jnp.sum(xx * dd, axis=(1, 2))
-
-    gram = _columns(column, (x, d), n, _ghost_chunk(n, t, chunk_size))
+    dtype = _low(x, d)
+    x, d = x.astype(dtype), d.astype(dtype)
+    budget = _GHOST_BLOCK_ELEMENTS if chunk_size is None else chunk_size * n * t * t
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}.")
+    chunk, span = _ghost_chunks(n, t, budget)
+    gram = _pair_columns(lambda a, b, c, e: _mm("itd,sd->its", a, b) * _mm("ite,se->its", c, e),
+                         x, d, chunk, span)  # fmt: skip
     return gram + _bias_gram(d) if bias else gram
+
+
+def _pair_columns(block: Callable, x: jax.Array, d: jax.Array, chunk: int, span: int) -> jax.Array:
+    """``K[:, j] = sum over s-blocks of sum_{t,s} block(x, x_j[s], d, d_j[s])``,
+    ``chunk`` columns and ``span`` key positions at a time (bounded intermediates)."""
+    n, t = x.shape[:2]
+    if span >= t:
+        column = lambda x_j, d_j: jnp.sum(block(x, x_j, d, d_j), axis=(1, 2))
+        return _columns(column, (x, d), n, chunk)
+    num = -(-t // span)
+    pad = ((0, 0), (0, num * span - t), (0, 0))
+    xs = jnp.pad(x, pad).reshape(n, num, span, -1).swapaxes(0, 1)  # [S, N, span, d_in]
+    ds = jnp.pad(d, pad).reshape(n, num, span, -1).swapaxes(0, 1)  # zero rows add nothing
+
+    def column(x_j, d_j):  # [S, span, d_in], [S, span, d_out] -> K[:, j]
+        def add(acc, blk):
+            return acc + jnp.sum(block(x, blk[0], d, blk[1]), axis=(1, 2)), None
+
+        return jax.lax.scan(add, jnp.zeros((n,), jnp.float32), (x_j, d_j))[0]
+
+    return jax.lax.map(lambda ops: column(*ops), (xs.swapaxes(0, 1), ds.swapaxes(0, 1))).T
 
 
 @functools.partial(jax.jit, static_argnames=("tile", "bias"))
 def dense_tiled_gram(
-    x: jax.Array, d: jax.Array, tile: int = 128, *, bias: bool = False
+    x: jax.Array, d: jax.Array, tile: int | None = None, *, bias: bool = False
 ) -> jax.Array:
     """Exact dense-layer Gram by materializing ``phi_i`` one column tile at a time.
 
@@ -248,30 +302,41 @@ def dense_tiled_gram(
     Args:
       x: ``[N, T, d_in]`` layer input.
       d: ``[N, T, d_out]`` output cotangent.
-      tile: columns per tile (``d_out`` is zero-padded to a multiple; zeros add nothing).
+      tile: columns per tile (``d_out`` is zero-padded to a multiple; zeros add nothing);
+        ``None``: as many as keep ``[N, d_in, tile]`` within 256 MiB of float32 (the LM
+        head then takes a few large tiles, not one pass per 128 vocabulary columns).
       bias: add the bias term.
 
     Returns:
       ``[N, N]`` float32.
     """
     _check_xd(x, d, "dense_tiled_gram")
+    n, t, d_in = x.shape
+    d_out = d.shape[-1]
+    if tile is None:
+        tile = max(128, _TILE_ELEMENTS // max(1, n * d_in))
     if not (isinstance(tile, int) and tile >= 1):
         raise ValueError(f"tile must be a positive int; got {tile!r}.")
-    n, t, _ = x.shape
-    d_out = d.shape[-1]
     tile = min(tile, d_out)
     num_tiles = -(-d_out // tile)
-    x = x.astype(jnp.float32)
-    d32 = d.astype(jnp.float32)
-    d_tiles = jnp.pad(d32, ((0, 0), (0, 0), (0, num_tiles * tile - d_out)))
+    dtype = _low(x, d)
+    x, d_low = x.astype(dtype), d.astype(dtype)
+    d_tiles = jnp.pad(d_low, ((0, 0), (0, 0), (0, num_tiles * tile - d_out)))
     d_tiles = d_tiles.reshape(n, t, num_tiles, tile).transpose(2, 0, 1, 3)  # [C, N, T, tile]
 
     def add_tile(gram, d_tile):  # d_tile [N, T, tile]
-        phi = jnp.einsum("itd,ite->ide", x, d_tile, precision=_HI)  # [N, d_in, tile]
-        return gram + jnp.einsum("ide,jde->ij", phi, phi, precision=_HI), None
+        phi = _mm("itd,ite->ide", x, d_tile).astype(dtype)  # [N, d_in, tile]
+        return gram + _mm("ide,jde->ij", phi, phi), None
 
     gram, _ = jax.lax.scan(add_tile, jnp.zeros((n, n), jnp.float32), d_tiles)
-    return gram + _bias_gram(d32) if bias else gram
+    return gram + _bias_gram(d) if bias else gram
+
+
+def dense_costs(n: int, t: int, d_in: int, d_out: int) -> dict[str, int]:
+    """FLOPs of a dense layer's Gram: ghost ``2 N^2 T^2 (d_in + d_out)``, tiled
+    ``2 N d_in d_out (T + N)`` (PERF.md section 4). Python ints, so no overflow."""
+    n, t, d_in, d_out = int(n), int(t), int(d_in), int(d_out)
+    return {"ghost": 2 * n * n * t * t * (d_in + d_out), "tiled": 2 * n * d_in * d_out * (t + n)}
 
 
 def choose_backend(n: int, t: int, d_in: int, d_out: int) -> Literal["ghost", "tiled"]:
@@ -280,11 +345,10 @@ def choose_backend(n: int, t: int, d_in: int, d_out: int) -> Literal["ghost", "t
     .. math::
         \\text{ghost iff } N T^2 (d_{in} + d_{out}) < d_{in} d_{out} (T + N)
 
-    (ghost ``2 N^2 T^2 (d_in + d_out)`` vs tiled ``2 N d_in d_out (T + N)`` FLOPs;
-    PERF.md section 4). Python ints, so no overflow.
+    (:func:`dense_costs`; PERF.md section 4).
     """
-    n, t, d_in, d_out = int(n), int(t), int(d_in), int(d_out)
-    return "ghost" if n * t * t * (d_in + d_out) < d_in * d_out * (t + n) else "tiled"
+    cost = dense_costs(n, t, d_in, d_out)
+    return "ghost" if cost["ghost"] < cost["tiled"] else "tiled"
 
 
 def dense_gram(
@@ -293,7 +357,7 @@ def dense_gram(
     *,
     bias: bool = False,
     backend: Literal["auto", "ghost", "tiled"] = "auto",
-    tile: int = 128,
+    tile: int | None = None,
 ) -> jax.Array:
     """Exact dense-layer Gram by ``backend`` (``"auto"``: ``choose_backend``)."""
     _check_xd(x, d, "dense_gram")
@@ -306,9 +370,14 @@ def dense_gram(
     raise ValueError(f"backend must be 'auto', 'ghost' or 'tiled'; got {backend!r}.")
 
 
-@functools.partial(jax.jit, static_argnames=("vocab_size", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("vocab_size", "chunk_size", "block_elements"))
 def embedding_ghost_gram(
-    tokens: jax.Array, d: jax.Array, vocab_size: int, *, chunk_size: int | None = None
+    tokens: jax.Array,
+    d: jax.Array,
+    vocab_size: int,
+    *,
+    chunk_size: int | None = None,
+    block_elements: int | None = None,
 ) -> jax.Array:
     """Exact per-sample Gram of an embedding table ``E [V, D]`` from tokens and cotangents.
 
@@ -326,7 +395,8 @@ def embedding_ghost_gram(
       tokens: ``[N, T]`` int token ids.
       d: ``[N, T, D]`` cotangent of the embedding output.
       vocab_size: ``V``.
-      chunk_size: columns of ``K`` per step (``None``: from the memory budget).
+      chunk_size: columns of ``K`` per step (``None``: from ``block_elements``).
+      block_elements: as in :func:`dense_ghost_gram`.
 
     Returns:
       ``[N, N]`` float32.
@@ -338,14 +408,18 @@ def embedding_ghost_gram(
         )
     n, t = tokens.shape
     valid = (tokens >= 0) & (tokens < vocab_size)  # [N, T]
-    d = jnp.where(valid[..., None], d.astype(jnp.float32), 0.0)  # [N, T, D]
+    d = jnp.where(valid[..., None], d, 0).astype(_low(d))  # [N, T, D]
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}.")
+    budget = _GHOST_BLOCK_ELEMENTS if block_elements is None else block_elements
+    budget = budget if chunk_size is None else chunk_size * n * t * t
+    chunk, span = _ghost_chunks(n, t, budget)
 
-    def column(tok_j, d_j):  # [T], [T, D] -> K[:, j] [N]
-        match = tokens[:, :, None] == tok_j[None, None, :]  # [N, T, T]
-        dd = jnp.einsum("ite,se->its", d, d_j, precision=_HI)  # [N, T, T]
-        return jnp.sum(jnp.where(match, dd, 0.0), axis=(1, 2))
+    def block(tok, tok_j, d_all, d_j):  # ids [N, T, 1], [s, 1]; d [N, T, D], [s, D]
+        match = tok[:, :, None, 0] == tok_j[None, None, :, 0]  # [N, T, s]
+        return jnp.where(match, _mm("ite,se->its", d_all, d_j), 0.0)
 
-    return _columns(column, (tokens, d), n, _ghost_chunk(n, t, chunk_size))
+    return _pair_columns(block, tokens[..., None], d, chunk, span)
 
 
 @jax.jit

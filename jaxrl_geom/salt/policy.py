@@ -1,4 +1,4 @@
-"""SALT's scalable path: the policy gradient of ``grpo_step(..., salt=SaltConfig(...))``.
+"""SALT's scalable path: ``grpo_step(state, batch, config, salt_estimator(SaltConfig()))``.
 
 The GRPO policy loss is, around the current parameters, linear in the advantages
 (SPEC section 2): with the clip indicators held fixed,
@@ -13,26 +13,31 @@ advantages, ``r`` the token ratio or GSPO's sequence ratio broadcast over tokens
 ``grad L_lin(theta; A)`` is exactly the gradient of the clipped loss. The per-rollout
 feature is ``g_i = grad l_i`` (DESIGN.md sign convention, ``g_i = -phi_i``) and
 
-1. one forward and one backward of ``sum_i l_i`` through Gram taps gives
-   ``K = G G^T`` over ``scope`` (:mod:`jaxrl_geom.salt.ghost`, never holding ``G``);
+1. one forward and one backward of ``sum_i l_i`` (only the activation gradients
+   ``D``: the weight gradients are dead code) gives ``K = G G^T`` over ``scope``
+   (never holding ``G``);
 2. ``a' = reweight(K, A, group_ids)``;
-3. one more ordinary backward gives the update
-   ``grad L_lin(theta; a') + beta grad KL = G^T a' + beta grad KL``: the KL term is
-   not part of ``Phi`` and its gradient is added unchanged.
+3. the update ``G^T a' + beta grad KL`` (the KL term is not part of ``Phi``; its
+   gradient is added unchanged), by one of two paths that give the same update:
 
-Without micro-batches the two backward passes share ONE forward pass
-(``jax.vjp`` with cotangents ``(1, 0)`` then ``(a', 1)`` on ``(l, KL)``). With
-``num_micro_batches = m > 1`` the Gram pass still runs on the full batch (the Gram
-couples every pair of rollouts: peak memory is that of a full-batch forward +
-backward), and step 3 accumulates over micro-batches like ``grpo_step``, with the
-clip indicators of step 1 passed in.
+   * **book-keeping** (:mod:`jaxrl_geom.salt.bookkeeping`, when the kept tensors fit
+     ``SaltConfig.keep_budget_gib``): every op's ``X`` and ``D`` are kept from step 1,
+     and each parameter's gradient is one matmul ``X^T (a' * D + D^kl)``; with a KL
+     term the backward also propagates the KL's ``D^kl`` (a second cotangent through
+     the same vjp). Micro-batches run forward + backward one at a time and keep
+     their ``X``, ``D``; the Gram couples all rows, so it is formed after the last.
+   * **recompute**: the Gram blocks are formed inside the backward by custom_vjp taps
+     (``D`` dies where it is produced, :mod:`jaxrl_geom.salt.ghost`); a second
+     backward with cotangents ``(a', 1)`` on ``(l, KL)`` gives the update (shared
+     forward, ``jax.vjp``); with ``m > 1`` micro-batches the Gram pass runs on the
+     full batch and the update accumulates over micro-batches with the clip
+     indicators of step 1 held fixed.
 
-Cost (measured by ``benchmarks/bench_salt.py``): a forward, a backward that propagates
-only ``D`` (the weight gradients are dead code) plus the Gram blocks, and a full
-backward: about 4/3 of a plain step plus the Gram (``tiled`` about ``(T + N) / 3T`` of
-a plain step, ``sketch`` a few percent, ``ghost`` ``N T (d_in + d_out) / 3 d_in d_out``:
-only for short rows). Book-keeping (keep every ``D`` and form ``X^T (a' * D)``) would
-drop the second backward's ``D`` chain at the memory cost of all ``D``; not done here.
+FLOPs against a plain step's ``6P`` per token (SPEC section 2): book-keeping ``8P``
+plus the Gram blocks (about 1.33x), recompute ``10P`` plus the Gram (1.67x); a KL
+term adds ``2P`` to book-keeping (its ``D`` chain). Gram blocks: ``tiled`` about
+``(T + N) / 3T`` of a plain step, ``sketch`` a few percent, ``ghost``
+``N T (d_in + d_out) / 3 d_in d_out`` (only for short rows).
 
 ``gamma_max=0`` without re-centering gives ``a' = a`` bit for bit; the update is then
 computed by the very code of the plain step, so the new parameters are identical
@@ -40,35 +45,46 @@ to ``grpo_step`` without ``salt`` while the ``salt/*`` geometry metrics are logg
 
 References:
   SALT, arXiv 2606.05800 (abstract only; the formalization is SPEC section 2).
-  Book-keeping alternative (X and D kept, no second backward): Bu et al.,
-  arXiv:2210.00038 (not used: it stores every layer's D).
+  Book-keeping (X and D kept, no second backward): Bu et al., arXiv:2210.00038.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from jaxrl_geom.models import taps
 from jaxrl_geom.rl import logprobs as lp
 from jaxrl_geom.rl import losses
 from jaxrl_geom.rl.step import (
+    Gradients,
     GrpoConfig,
     RolloutBatch,
-    _loss,
-    _merge_metrics,
-    _split_micro_batches,
-    _sum_stats_over_micro_batches,
+    accumulate_micro_batches,
+    combine_micro_batch_stats,
     completion_logits,
+    global_denominators,
+    loss_and_metrics,
+    merge_metrics,
+    merge_micro_batches,
+    plain_gradients,
+    split_micro_batches,
 )
+from jaxrl_geom.salt import bookkeeping as bk
 from jaxrl_geom.salt.config import SaltConfig
-from jaxrl_geom.salt.ghost import gram_of_loss, probe_gram, split_tapped
-from jaxrl_geom.salt.reweight import SaltDiagnostics, reweight
+from jaxrl_geom.salt.ghost import (
+    KeptD,
+    KeptX,
+    attach_gram_taps,
+    probe_gram,
+    split_tapped,
+    tap_calls,
+)
+from jaxrl_geom.salt.reweight import SaltDiagnostics, SaltKnobs, _Knobs, reweight
 
 #: Diagnostics logged as ``salt/<name>`` metrics.
 SALT_METRICS: tuple[str, ...] = (
@@ -76,20 +92,13 @@ SALT_METRICS: tuple[str, ...] = (
     "kappa_after",
     "rank",
     "gamma",
+    "severity",
     "effective_rank",
     "top_eig_share",
     "coef_norm_ratio",
+    "zero_adv_mass",
     "ok",
 )
-
-
-class SaltGradients(NamedTuple):
-    """What ``grpo_step`` needs from the SALT path."""
-
-    loss: jax.Array  # [] the plain clipped loss at the ORIGINAL advantages (a value)
-    grads: nnx.State  # G^T a' + beta grad KL, shaped like the parameters
-    metrics: dict[str, jax.Array]  # the loss metrics (with "entropy_sum") and salt/*
-    activation_stats: dict[str, taps.ChannelStats] | None  # LongAct q/k statistics
 
 
 class _Aux(NamedTuple):
@@ -97,6 +106,7 @@ class _Aux(NamedTuple):
     metrics: dict[str, jax.Array]
     stats: dict[str, taps.ChannelStats] | None
     active: jax.Array  # bool [n, L] clip indicators used by l_i
+    kept: Any = None  # KeptX state (book-keeping taps)
 
 
 def _surrogate(
@@ -107,19 +117,24 @@ def _surrogate(
     num_sequences: jax.Array,
     num_tokens: jax.Array,
     active: jax.Array | None = None,
+    keep: bool = False,
 ) -> tuple[jax.Array, jax.Array, _Aux]:
     """Per-rollout unit-coefficient terms ``l_i`` ``[n]``, the KL term ``[]`` and aux.
 
     ``active=None``: the clip indicators from the current ratio and the original
-    advantages (then returned in aux); otherwise the given ones (held fixed).
+    advantages (then returned in aux); otherwise the given ones (held fixed). ``keep``:
+    also capture the book-keeping taps' ``KeptX`` (one ``nnx.capture`` for all types).
     """
     mask = batch.completion_mask
-    stats = None
-    if config.capture_activations:
-        taps.set_qk_capture(model, True)
-        capture = nnx.capture(completion_logits, nnx.Intermediate)
-        logits, intermediates = capture(model, batch)  # [n, L, V]
-        stats = taps.collect_qk_stats(intermediates)
+    types = (nnx.Intermediate,) * config.capture_activations + (KeptX,) * keep
+    stats = kept = None
+    if types:
+        if config.capture_activations:
+            taps.set_qk_capture(model, True)
+        logits, *states = nnx.capture(completion_logits, *types)(model, batch)  # [n, L, V]
+        if config.capture_activations:
+            stats = taps.collect_qk_stats(states[0])
+        kept = states[-1] if keep else None
     else:
         logits = completion_logits(model, batch)  # [n, L, V]
     targets = batch.tokens[:, -mask.shape[1] :]  # [n, L]
@@ -143,105 +158,16 @@ def _surrogate(
     if config.beta > 0:
         kl = losses.kl_k3(logp, batch.ref_logprobs, mask)  # [n, L]
         kl_term = config.beta * jnp.sum(weights * kl)
-
     # The plain clipped loss and its metrics, as values (what grpo_step reports).
-    terms = losses.policy_loss(
+    loss, metrics = loss_and_metrics(
         jax.lax.stop_gradient(logp),
-        batch.old_logprobs,
-        batch.advantages,
-        mask,
-        loss_type=config.loss_type,
-        eps_low=config.eps_low,
-        eps_high=config.eps_high,
-        beta=config.beta,
-        ref_logprobs=batch.ref_logprobs if config.beta > 0 else None,
-        importance_sampling_level=config.importance_sampling_level,
-        max_completion_length=config.max_completion_length,
+        lp.token_entropy(jax.lax.stop_gradient(logits), config.temperature),
+        batch,
+        config,
         num_sequences=num_sequences,
         num_tokens=num_tokens,
     )
-    metrics = dict(terms.metrics)
-    entropy = lp.token_entropy(jax.lax.stop_gradient(logits), config.temperature)
-    metrics["entropy_sum"] = jnp.sum(entropy * mask.astype(jnp.float32))
-    aux = _Aux(terms.numerator / terms.denominator, metrics, stats, active)
-    return per_row, kl_term, aux
-
-
-def _plain_gradients(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    rest: nnx.State,
-    batch: RolloutBatch,
-    config: GrpoConfig,
-    num_sequences: jax.Array,
-    num_tokens: jax.Array,
-) -> tuple[jax.Array, nnx.State, dict[str, jax.Array], Any]:
-    """The plain step's loss gradient, by the same code as ``grpo_step`` (bit-identical)."""
-    loss_fn = functools.partial(
-        _loss,
-        graphdef=graphdef,
-        config=config,
-        num_sequences=num_sequences,
-        num_tokens=num_tokens,
-    )
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    m = config.num_micro_batches
-    if m == 1:
-        (loss, (metrics, stats)), grads = grad_fn(params, rest, batch)
-        return loss, grads, metrics, stats
-    micro = _split_micro_batches(batch, m)
-
-    def accumulate(carry, mb):
-        (loss_mb, aux), g_mb = grad_fn(params, rest, mb)
-        loss_acc, g_acc = carry
-        return (loss_acc + loss_mb, jax.tree.map(jnp.add, g_acc, g_mb)), aux
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss, grads), (metrics_stack, stats_stack) = jax.lax.scan(
-        accumulate, (jnp.zeros((), jnp.float32), zeros), micro
-    )
-    tokens_per_micro = jnp.sum(micro.completion_mask, axis=(1, 2)).astype(jnp.float32)
-    metrics = _merge_metrics(metrics_stack, tokens_per_micro)
-    stats = None
-    if stats_stack is not None:
-        stats = {k: _sum_stats_over_micro_batches(v) for k, v in stats_stack.items()}
-    return loss, grads, metrics, stats
-
-
-def _micro_batch_update(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    rest: nnx.State,
-    batch: RolloutBatch,
-    config: GrpoConfig,
-    coefficients: jax.Array,  # [N] a'
-    active: jax.Array,  # bool [N, L]
-    num_sequences: jax.Array,
-    num_tokens: jax.Array,
-) -> nnx.State:
-    """``grad (sum_i a'_i l_i + KL)`` accumulated over micro-batches (active held fixed)."""
-    m = config.num_micro_batches
-    plain = dataclasses.replace(config, capture_activations=False)
-    micro = _split_micro_batches((batch, coefficients, active), m)
-
-    def objective(params, mb, a_mb, active_mb):
-        model = nnx.merge(graphdef, params, rest, copy=True)
-        per_row, kl_term, _ = _surrogate(
-            model,
-            mb,
-            plain,
-            num_sequences=num_sequences,
-            num_tokens=num_tokens,
-            active=active_mb,
-        )
-        return jnp.dot(a_mb, per_row) + kl_term
-
-    def accumulate(g_acc, inputs):
-        g_mb = jax.grad(objective)(params, *inputs)
-        return jax.tree.map(jnp.add, g_acc, g_mb), None
-
-    grads, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), micro)
-    return grads
+    return per_row, kl_term, _Aux(loss, metrics, stats, active, kept)
 
 
 def salt_metrics(diagnostics: SaltDiagnostics) -> dict[str, jax.Array]:
@@ -252,87 +178,227 @@ def salt_metrics(diagnostics: SaltDiagnostics) -> dict[str, jax.Array]:
     }
 
 
-def salt_policy_gradients(
-    graphdef: nnx.GraphDef,
+class SaltEstimator(struct.PyTreeNode):
+    """SALT's :class:`~jaxrl_geom.rl.step.GradientEstimator` (build it with
+    :func:`salt_estimator`). The knobs and the sketch seed are traced leaves; the rest of
+    the :class:`SaltConfig` is static."""
+
+    knobs: _Knobs
+    seed: jax.Array  # uint32 []
+    options: SaltConfig = struct.field(pytree_node=False)  # knob values stripped
+
+    def __call__(
+        self,
+        graphdef: nnx.GraphDef,
+        params: nnx.State,
+        rest: nnx.State,
+        batch: RolloutBatch,
+        config: GrpoConfig,
+        *,
+        step: jax.Array,
+    ) -> Gradients:
+        """The SALT-reweighted GRPO loss gradient (module docstring).
+
+        .. math::
+            K = G_{scope} G_{scope}^\\top, \\quad a' = \\mathrm{reweight}(K, A), \\quad
+            \\text{grads} = \\textstyle\\sum_i a'_i g_i + \\beta \\nabla \\mathrm{KL}
+
+        ``metrics`` gains ``salt/<name>`` for :data:`SALT_METRICS`.
+        """
+        if taps.has_stacked_layers(params):
+            raise ValueError(
+                "SALT's estimator does not support scanned layers yet (its Gram taps are per "
+                "layer module): build the model with ModelConfig(scan_layers=False)."
+            )
+        n = batch.tokens.shape[0]
+        opts = self.options
+        num_sequences, num_tokens = global_denominators(batch)
+        surrogate = _bind(config, num_sequences, num_tokens)
+        tap_kwargs = dict(
+            scope=opts.scope,
+            backend=opts.backend,
+            sketch_dim=opts.sketch_dim,
+            seed=self.seed,
+            step=step,
+            head_positions=batch.completion_mask.shape[1],
+        )
+        model = nnx.merge(graphdef, params, rest)
+        m = config.num_micro_batches
+        identity = opts.knobs.is_identity
+        if not identity and opts.keep_budget_gib > 0:
+            rows = n // m
+            tapped = nnx.merge(*nnx.split(model))
+            attach_gram_taps(tapped, rows, keep=True, **tap_kwargs)
+            one = jax.tree.map(lambda x: x[:rows], batch)
+            outputs = _discover(tapped, surrogate, one)
+            num_d = 2 if config.beta > 0 else 1
+            fits = bk.kept_bytes(outputs, num_d) * m <= opts.keep_budget_gib * 2**30
+            if fits and bk.all_params_tapped(tapped, params):
+                bk.set_kept_d_probes(tapped, outputs)
+                return _bookkeeping(tapped, params, batch, config, surrogate, self.knobs)
+        return _recompute(model, batch, config, surrogate, self.knobs, identity, tap_kwargs)
+
+
+def salt_estimator(config: SaltConfig | None = None) -> SaltEstimator:
+    """SALT as ``grpo_step``'s estimator: ``grpo_step(state, batch, cfg, salt_estimator(c))``.
+
+    The knobs (``gamma_max``, ``power``, ``energy``, ``renorm``, ...) and ``seed`` become
+    traced values: a new estimator with other knob values reuses the compiled step.
+    """
+    config = SaltConfig() if config is None else config
+    if not isinstance(config, SaltConfig):
+        raise ValueError(
+            f"salt_estimator needs a jaxrl_geom.salt.SaltConfig; got {type(config).__name__}."
+        )
+    static_knobs = SaltKnobs(gamma_max=0.0 if config.knobs.is_identity else 1.0)
+    options = dataclasses.replace(config, knobs=static_knobs, seed=0)
+    seed = jnp.asarray(config.seed, jnp.uint32)
+    return SaltEstimator(knobs=config.knobs.arrays(), seed=seed, options=options)
+
+
+def _bind(config: GrpoConfig, num_sequences: jax.Array, num_tokens: jax.Array):
+    def surrogate(model, batch, active=None, keep=False):
+        return _surrogate(
+            model,
+            batch,
+            config,
+            num_sequences=num_sequences,
+            num_tokens=num_tokens,
+            active=active,
+            keep=keep,
+        )
+
+    return surrogate
+
+
+def _discover(tapped: nnx.Module, surrogate, batch: RolloutBatch) -> bk.Kept:
+    """Shapes of every kept ``X`` and output ``y`` (one abstract trace, no FLOPs)."""
+    graphdef, state = nnx.split(tapped)
+
+    def run(state):
+        with tap_calls():
+            return surrogate(nnx.merge(graphdef, state), batch, keep=True)[2].kept
+
+    return bk.kept_by_module(jax.eval_shape(run, state))
+
+
+def _bookkeeping(
+    tapped: nnx.Module,
     params: nnx.State,
-    rest: nnx.State,
     batch: RolloutBatch,
     config: GrpoConfig,
-    salt: SaltConfig,
-) -> SaltGradients:
-    """The SALT-reweighted GRPO loss gradient, Gram by taps (module docstring).
+    surrogate,
+    knobs: _Knobs,
+) -> Gradients:
+    """One forward + one backward (two cotangents with a KL term) per micro-batch, X and
+    D kept; Gram, reweight, then ``X^T (a' D + D^kl)`` per op."""
+    graphdef, probes, rest = nnx.split(tapped, KeptD, ...)
 
-    .. math::
-        K = G_{scope} G_{scope}^\\top, \\quad a' = \\mathrm{reweight}(K, A), \\quad
-        \\text{grads} = \\textstyle\\sum_i a'_i g_i + \\beta \\nabla \\mathrm{KL},
-        \\quad g_i = \\nabla_\\theta l_i
-
-    Used by ``grpo_step(..., salt=...)`` (traced inside its jit); the Gram is over the
-    whole batch (``N x N``), replicated on a mesh.
-
-    Args:
-      graphdef, params, rest: the split policy (``TrainState`` fields).
-      batch: the rollout batch (N rollouts).
-      config: the GRPO options (loss type, clip range, KL, micro-batches, capture).
-      salt: the SALT options.
-
-    Returns:
-      :class:`SaltGradients`; ``metrics`` holds ``salt/kappa_before``,
-      ``salt/kappa_after``, ``salt/rank``, ``salt/gamma``, ``salt/effective_rank``,
-      ``salt/top_eig_share``, ``salt/coef_norm_ratio`` and ``salt/ok``.
-    """
-    if not isinstance(salt, SaltConfig):
-        raise ValueError(
-            f"salt must be a jaxrl_geom.salt.SaltConfig (or None); got {type(salt).__name__}."
-        )
-    n = batch.tokens.shape[0]
-    num_sequences = jnp.asarray(n, jnp.float32)
-    num_tokens = jnp.sum(batch.completion_mask.astype(jnp.float32))
-    surrogate = functools.partial(
-        _surrogate, config=config, num_sequences=num_sequences, num_tokens=num_tokens
-    )
-    tap_kwargs = dict(
-        scope=salt.scope, backend=salt.backend, sketch_dim=salt.sketch_dim, seed=salt.seed
-    )
-    model = nnx.merge(graphdef, params, rest)
-
-    if salt.is_identity or config.num_micro_batches > 1:
-        # Gram pass alone: differentiate w.r.t. the probes only (parameters closed over).
-        def per_row_loss(m: nnx.Module, b: RolloutBatch):
-            per_row, _, aux = surrogate(m, b)
-            return per_row, aux
-
-        gram, aux = gram_of_loss(per_row_loss, model, batch, has_aux=True, num_rows=n, **tap_kwargs)
-        a_new, diagnostics = reweight(
-            gram, batch.advantages, batch.group_ids, **salt.reweight_kwargs()
-        )
-        if salt.is_identity:
-            loss, grads, metrics, stats = _plain_gradients(
-                graphdef, params, rest, batch, config, num_sequences, num_tokens
-            )
-        else:
-            grads = _micro_batch_update(
-                graphdef, params, rest, batch, config, a_new, aux.active,
-                num_sequences, num_tokens,
-            )  # fmt: skip
-            loss, metrics, stats = aux.loss, aux.metrics, aux.stats
-    else:
-        # One forward, two backward passes: cotangent (1, 0) -> Gram, (a', 1) -> update.
-        tapped_graphdef, probes, _, tapped_rest = split_tapped(model, n, **tap_kwargs)
-
-        def forward(params: nnx.State, probes: nnx.State):
-            m = nnx.merge(tapped_graphdef, probes, params, tapped_rest, copy=True)
-            per_row, kl_term, aux = surrogate(m, batch)
+    def one(mb: RolloutBatch):
+        def forward(probes):
+            with tap_calls():
+                model = nnx.merge(graphdef, probes, rest, copy=True)
+                per_row, kl_term, aux = surrogate(model, mb, keep=True)
             return (per_row, kl_term), aux
 
+        (per_row, kl_term), vjp_fn, aux = jax.vjp(forward, probes, has_aux=True)
+        (d_pol,) = vjp_fn((jnp.ones_like(per_row), jnp.zeros_like(kl_term)))
+        d_kl = None
+        if config.beta > 0:
+            (d_kl,) = vjp_fn((jnp.zeros_like(per_row), jnp.ones_like(kl_term)))
+        return aux.loss, aux.metrics, aux.stats, aux.kept, d_pol, d_kl
+
+    m = config.num_micro_batches
+    if m == 1:
+        loss, metrics, stats, kept, d_pol, d_kl = one(batch)
+    else:
+        loss, metrics, stats, kept, d_pol, d_kl = jax.lax.map(one, split_micro_batches(batch, m))
+        loss = jnp.sum(loss)
+        tokens = jnp.sum(split_micro_batches(batch.completion_mask, m), axis=(1, 2))
+        metrics = merge_metrics(metrics, tokens.astype(jnp.float32))
+        if stats is not None:
+            stats = {k: combine_micro_batch_stats(v) for k, v in stats.items()}
+        kept, d_pol, d_kl = merge_micro_batches((kept, d_pol, d_kl))
+    xs = bk.kept_by_module(kept)
+    d_pol = bk.kept_by_module(d_pol)
+    gram = bk.gram_from_kept(tapped, xs, d_pol)
+    a_new, diagnostics = reweight(gram, batch.advantages, batch.group_ids, knobs)
+
+    def weigh(d, *extra):
+        c = a_new.astype(jnp.float32).reshape(-1, *([1] * (d.ndim - 1)))
+        out = c * d.astype(jnp.float32)
+        return out + extra[0].astype(jnp.float32) if extra else out
+
+    if d_kl is None:
+        weighted = jax.tree.map(weigh, d_pol)
+    else:
+        weighted = jax.tree.map(weigh, d_pol, bk.kept_by_module(d_kl))
+    grads = bk.grads_from_kept(tapped, params, xs, weighted)
+    metrics = {**metrics, **salt_metrics(diagnostics)}
+    return Gradients(loss=loss, grads=grads, metrics=metrics, activation_stats=stats)
+
+
+def _recompute(
+    model: nnx.Module,
+    batch: RolloutBatch,
+    config: GrpoConfig,
+    surrogate,
+    knobs: _Knobs,
+    identity: bool,
+    tap_kwargs: dict[str, Any],
+) -> Gradients:
+    """Gram inside the backward (custom_vjp taps), then a second backward for the update."""
+    n = batch.tokens.shape[0]
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tapped_graphdef, probes, _, tapped_rest = split_tapped(model, n, **tap_kwargs)
+
+    def forward(params: nnx.State, probes: nnx.State):
+        with tap_calls():
+            m = nnx.merge(tapped_graphdef, probes, params, tapped_rest, copy=True)
+            per_row, kl_term, aux = surrogate(m, batch)
+        return (per_row, kl_term), aux
+
+    if identity or config.num_micro_batches > 1:
+        # Gram pass alone: differentiate w.r.t. the probes only.
+        gram_pass = lambda p: forward(params, p)  # noqa: E731
+        (per_row, kl_term), vjp_fn, aux = jax.vjp(gram_pass, probes, has_aux=True)
+        (probe_grads,) = vjp_fn((jnp.ones_like(per_row), jnp.zeros_like(kl_term)))
+        gram = probe_gram(probe_grads)
+        a_new, diagnostics = reweight(gram, batch.advantages, batch.group_ids, knobs)
+        if identity:  # the plain step's own code: bit-identical update and metrics
+            out = plain_gradients(graphdef, params, rest, batch, config)
+            metrics = {**out.metrics, **salt_metrics(diagnostics)}
+            return out._replace(metrics=metrics)
+        grads = _micro_batch_update(graphdef, params, rest, batch, config, a_new, aux.active)
+    else:
+        # One forward, two backward passes: cotangent (1, 0) -> Gram, (a', 1) -> update.
         (per_row, kl_term), vjp_fn, aux = jax.vjp(forward, params, probes, has_aux=True)
         _, probe_grads = vjp_fn((jnp.ones_like(per_row), jnp.zeros_like(kl_term)))
         gram = probe_gram(probe_grads)
-        a_new, diagnostics = reweight(
-            gram, batch.advantages, batch.group_ids, **salt.reweight_kwargs()
-        )
+        a_new, diagnostics = reweight(gram, batch.advantages, batch.group_ids, knobs)
         grads, _ = vjp_fn((a_new.astype(per_row.dtype), jnp.ones_like(kl_term)))
-        loss, metrics, stats = aux.loss, aux.metrics, aux.stats
+    metrics = {**aux.metrics, **salt_metrics(diagnostics)}
+    return Gradients(loss=aux.loss, grads=grads, metrics=metrics, activation_stats=aux.stats)
 
-    metrics = {**metrics, **salt_metrics(diagnostics)}
-    return SaltGradients(loss=loss, grads=grads, metrics=metrics, activation_stats=stats)
+
+def _micro_batch_update(graphdef, params, rest, batch, config, a_new, active) -> nnx.State:
+    """``grad (sum_i a'_i l_i + KL)`` accumulated over micro-batches (active held fixed)."""
+    plain = dataclasses.replace(config, capture_activations=False)
+    num_sequences, num_tokens = global_denominators(batch)
+    surrogate = _bind(plain, num_sequences, num_tokens)
+
+    def one(inputs) -> Gradients:
+        mb, a_mb, active_mb = inputs
+
+        def objective(params):
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            per_row, kl_term, _ = surrogate(model, mb, active=active_mb)
+            return jnp.dot(a_mb, per_row) + kl_term
+
+        grads = jax.grad(objective)(params)
+        zero = jnp.zeros((), jnp.float32)
+        return Gradients(zero, grads, {"loss_sum": zero}, None)
+
+    inputs = (batch, a_new, active)
+    m = config.num_micro_batches
+    return accumulate_micro_batches(one, inputs, batch.completion_mask, m, params).grads

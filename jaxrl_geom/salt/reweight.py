@@ -21,6 +21,7 @@ the renormalization and re-centering options, their order, and all the defaults.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 from typing import Literal, NamedTuple
@@ -31,6 +32,8 @@ import numpy as np
 
 Renorm = Literal["update_norm", "coef_norm", "none"]
 RENORM_MODES: tuple[str, ...] = ("update_norm", "coef_norm", "none")
+ZeroAdvantage = Literal["exclude", "include"]
+ZERO_ADVANTAGE_MODES: tuple[str, ...] = ("exclude", "include")
 
 #: Energy fraction ``tau`` used when neither ``rank`` nor ``energy`` is given (our choice).
 DEFAULT_ENERGY = 0.9
@@ -39,6 +42,7 @@ DEFAULT_ENERGY = 0.9
 DEFAULT_EPS = 1e-6
 
 _HI = jax.lax.Precision.HIGHEST
+_NO_CAP = 2**31 - 1  # "no max_rank": capped by N inside the math
 
 
 class SaltDiagnostics(NamedTuple):
@@ -53,6 +57,7 @@ class SaltDiagnostics(NamedTuple):
     top_eig_share: jax.Array  # []  lambda_1 / trace K; 0 for a zero Gram
     coef_norm_ratio: jax.Array  # []  ||a'|| / ||a||; 1 when a = 0
     ok: jax.Array  # [] bool  inputs were finite; when False, a' = a (a flagged no-op)
+    zero_adv_mass: jax.Array  # []  sum_{a_i = 0} |a'_i| / sum_i |a'_i| (0 when a' = 0)
 
 
 def neutral_diagnostics() -> SaltDiagnostics:
@@ -68,11 +73,82 @@ def neutral_diagnostics() -> SaltDiagnostics:
         top_eig_share=f32(0.0),
         coef_norm_ratio=f32(1.0),
         ok=jnp.asarray(True),
+        zero_adv_mass=f32(0.0),
     )
 
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SaltKnobs:
+    """The knobs of SALT's reweighting, validated once: used by :func:`reweight`,
+    ``salt()``, ``SaltConfig`` and the run config (SPEC section 2).
+
+    Attributes:
+      gamma_max: residual gain at full severity (``s = 1``); ``0`` disables SALT.
+      power: exponent ``p`` of the severity response ``gamma = gamma_max * s^p``.
+      rank: fixed shared-subspace rank ``r`` (exclusive with ``energy``).
+      energy: energy fraction ``tau`` in ``(0, 1]`` (``DEFAULT_ENERGY`` when neither is set).
+      max_rank: upper bound on ``r``.
+      renorm: ``"update_norm"`` (``||Phi^T a'|| = ||Phi^T a||``), ``"coef_norm"``, ``"none"``.
+      recenter: subtract each group's mean from ``a'`` (before renormalization).
+      eps: relative threshold under which a quadratic form counts as zero.
+      zero_advantage: ``"exclude"`` (rows with ``a_i = 0`` are left out of ``K`` and keep
+        ``a'_i = 0``) or ``"include"`` (the literal form: they may get ``a'_i != 0``).
+
+    Every knob enters the jitted math as a traced value (:meth:`arrays`), so a schedule
+    over any of them never recompiles.
+    """
+
+    gamma_max: float = 1.0
+    power: float = 1.0
+    rank: int | None = None
+    energy: float | None = None
+    max_rank: int | None = None
+    renorm: Renorm = "update_norm"
+    recenter: bool = False
+    eps: float = DEFAULT_EPS
+    zero_advantage: ZeroAdvantage = "exclude"
+
+    def __post_init__(self) -> None:
+        check_knobs(
+            gamma_max=self.gamma_max,
+            power=self.power,
+            rank=self.rank,
+            energy=self.energy,
+            max_rank=self.max_rank,
+            renorm=self.renorm,
+            num_groups=None,
+            eps=self.eps,
+        )
+        if not isinstance(self.recenter, bool):
+            raise ValueError(f"recenter must be a bool; got {self.recenter!r}.")
+        if self.zero_advantage not in ZERO_ADVANTAGE_MODES:
+            raise ValueError(
+                f"zero_advantage must be one of {ZERO_ADVANTAGE_MODES}; got "
+                f"{self.zero_advantage!r}. 'exclude' (default) keeps a'_i = 0 where a_i = 0."
+            )
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether ``a' = a`` bit for bit (``gamma_max=0`` without re-centering)."""
+        return self.gamma_max == 0 and not self.recenter
+
+    def arrays(self) -> _Knobs:
+        """The knobs as traced scalars (what the jitted math reads)."""
+        return _Knobs(
+            gamma_max=jnp.float32(self.gamma_max),
+            power=jnp.float32(self.power),
+            energy=jnp.float32(DEFAULT_ENERGY if self.energy is None else self.energy),
+            eps=jnp.float32(self.eps),
+            rank=jnp.int32(-1 if self.rank is None else min(self.rank, _NO_CAP)),
+            cap=jnp.int32(_NO_CAP if self.max_rank is None else min(self.max_rank, _NO_CAP)),
+            renorm=jnp.int32(RENORM_MODES.index(self.renorm)),
+            recenter=jnp.asarray(self.recenter),
+            include_zero=jnp.asarray(self.zero_advantage == "include"),
+        )
 
 
 def check_knobs(
@@ -122,6 +198,23 @@ def check_knobs(
         raise ValueError(f"eps must be a finite number >= 0; got {eps!r}.")
 
 
+def resolve_knobs(knobs: SaltKnobs | _Knobs | None, overrides: dict) -> SaltKnobs | _Knobs:
+    """``knobs`` (default ``SaltKnobs()``) with keyword ``overrides`` applied."""
+    if knobs is None:
+        knobs = SaltKnobs()
+    if not overrides:
+        return knobs
+    if not isinstance(knobs, SaltKnobs):
+        raise ValueError("Pass either traced knobs or keyword overrides, not both.")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(SaltKnobs)})
+    if unknown:
+        raise ValueError(
+            f"Unknown SALT knob(s) {unknown}; the knobs are the fields of "
+            f"jaxrl_geom.salt.SaltKnobs: {[f.name for f in dataclasses.fields(SaltKnobs)]}."
+        )
+    return dataclasses.replace(knobs, **overrides)
+
+
 def _is_traced(*arrays) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in arrays if x is not None)
 
@@ -158,18 +251,17 @@ def cancellation(gram: jax.Array, coefficients: jax.Array) -> jax.Array:
     return _kappa(0.5 * (k + k.T), jnp.asarray(coefficients, jnp.float32))
 
 
-def _group_center(x: jax.Array, group_ids: jax.Array | None, num_groups: int | None) -> jax.Array:
-    """Subtract from each entry the mean of its group (one group when ids are None)."""
-    if group_ids is None:
-        return x - jnp.mean(x)
+def _group_center(
+    x: jax.Array, group_ids: jax.Array, num_groups: int | None, w: jax.Array
+) -> jax.Array:
+    """Subtract from each entry the mean of its group over the rows with ``w = 1``."""
     if num_groups is not None:
-        ones = jnp.ones_like(x)
-        sums = jax.ops.segment_sum(x, group_ids, num_segments=num_groups)  # [M]
-        counts = jax.ops.segment_sum(ones, group_ids, num_segments=num_groups)  # [M]
+        sums = jax.ops.segment_sum(w * x, group_ids, num_segments=num_groups)  # [M]
+        counts = jax.ops.segment_sum(w, group_ids, num_segments=num_groups)  # [M]
         means = sums / jnp.maximum(counts, 1.0)
         return x - means[group_ids]
-    same = (group_ids[:, None] == group_ids[None, :]).astype(x.dtype)  # [N, N]
-    return x - jnp.dot(same, x, precision=_HI) / jnp.sum(same, axis=1)
+    same = (group_ids[:, None] == group_ids[None, :]).astype(x.dtype) * w[None, :]  # [N, N]
+    return x - jnp.dot(same, x, precision=_HI) / jnp.maximum(jnp.sum(same, axis=1), 1.0)
 
 
 class _Knobs(NamedTuple):
@@ -183,6 +275,7 @@ class _Knobs(NamedTuple):
     cap: jax.Array  # [] int32, min(max_rank, N)
     renorm: jax.Array  # [] int32, index into RENORM_MODES
     recenter: jax.Array  # [] bool
+    include_zero: jax.Array  # [] bool, zero_advantage == "include"
 
 
 @functools.partial(jax.jit, static_argnames=("num_groups",))
@@ -203,6 +296,11 @@ def _reweight(
     ok = jnp.all(jnp.isfinite(k)) & jnp.all(jnp.isfinite(a_in))
     a = jnp.where(ok, a_in, 0.0)
     k = jnp.where(ok, k, 0.0)
+    # zero_advantage="exclude": rows with a_i = 0 leave K (and so the eigenbasis, kappa
+    # and the renormalization) and keep a'_i = a_i = 0.
+    keep = (a != 0) | knobs.include_zero  # [N]
+    w = keep.astype(dtype)
+    k = k * w[:, None] * w[None, :]
 
     # Symmetrize, and normalize to max diag 1: every quantity below is invariant to
     # the scale of K, and the normalization keeps quadratic forms away from under/overflow.
@@ -220,7 +318,8 @@ def _reweight(
     # Rank: fixed, or the smallest r in {0..N} with sum_{k<=r} lambda_k >= tau trace(K).
     partial_sums = jnp.concatenate([jnp.zeros((1,), dtype), cum[:-1]])  # [N] C_0..C_{N-1}
     energy_rank = jnp.sum(partial_sums < knobs.energy * trace).astype(jnp.int32)
-    r = jnp.minimum(jnp.where(knobs.rank >= 0, knobs.rank, energy_rank), knobs.cap)
+    cap = jnp.minimum(knobs.cap, n)
+    r = jnp.minimum(jnp.where(knobs.rank >= 0, jnp.minimum(knobs.rank, n), energy_rank), cap)
 
     # Shared / residual channels: P = V_r V_r^T as a mask over eigenvectors (r is traced).
     in_shared = (jnp.arange(n) < r).astype(dtype)  # [N]
@@ -234,7 +333,9 @@ def _reweight(
     # a' = a_sh + (1 + gamma) a_res, written as a + gamma a_res so gamma = 0 returns a exactly.
     a_new = a + gamma * a_res
     # Re-center BEFORE renormalizing, so the chosen norm is preserved exactly.
-    a_new = jnp.where(knobs.recenter, _group_center(a_new, group_ids, num_groups), a_new)
+    centered = _group_center(a_new, group_ids, num_groups, w)
+    a_new = jnp.where(knobs.recenter, centered, a_new)
+    a_new = jnp.where(keep, a_new, a)
 
     # "update_norm": ||Phi^T a'|| = ||Phi^T a||, i.e. a'^T K a' = a^T K a. When a'^T K a'
     # is ~0 (Phi^T a' cancels to rounding noise) there is nothing to match: scale 1.
@@ -264,24 +365,26 @@ def _reweight(
             norm_a > 0, jnp.linalg.norm(a_new) / jnp.where(norm_a > 0, norm_a, 1.0), 1.0
         ).astype(jnp.float32),
         ok=ok,
+        zero_adv_mass=_zero_mass(a, a_new).astype(jnp.float32),
     )
     return jnp.where(ok, a_new, a_in), diagnostics
+
+
+def _zero_mass(a: jax.Array, a_new: jax.Array) -> jax.Array:
+    """sum_{a_i = 0} |a'_i| / sum_i |a'_i|, 0 when a' = 0."""
+    total = jnp.sum(jnp.abs(a_new))
+    moved = jnp.sum(jnp.where(a == 0, jnp.abs(a_new), 0.0))
+    return jnp.where(total > 0, moved / jnp.where(total > 0, total, 1.0), 0.0)
 
 
 def reweight(
     gram: jax.Array,
     coefficients: jax.Array,
     group_ids: jax.Array | None = None,
+    knobs: SaltKnobs | _Knobs | None = None,
     *,
-    gamma_max: float = 1.0,
-    power: float = 1.0,
-    rank: int | None = None,
-    energy: float | None = None,
-    max_rank: int | None = None,
-    renorm: Renorm = "update_norm",
-    recenter: bool = False,
     num_groups: int | None = None,
-    eps: float = DEFAULT_EPS,
+    **knob_overrides,
 ) -> tuple[jax.Array, SaltDiagnostics]:
     """Reweight group-relative coefficients by the Gram geometry (SALT, SPEC section 2).
 
@@ -352,17 +455,13 @@ def reweight(
       coefficients: ``[N]`` group-relative coefficients ``a`` (advantages).
       group_ids: ``[N]`` int group (prompt) of each sample; only used by ``recenter``
         (``None``: the whole batch is one group).
-      gamma_max: residual gain at full severity (``s = 1``). ``0`` disables SALT.
-      power: exponent ``p`` of the severity response.
-      rank: fixed shared-subspace rank ``r`` (exclusive with ``energy``).
-      energy: energy fraction ``tau`` in ``(0, 1]`` (default 0.9 when ``rank`` is None).
-      max_rank: upper bound on ``r``.
-      renorm: ``"update_norm"``, ``"coef_norm"`` or ``"none"``.
-      recenter: subtract each group's mean from ``a'`` (before renormalization).
+      knobs: a :class:`SaltKnobs` (default ``SaltKnobs()``), or its traced
+        :meth:`SaltKnobs.arrays` (inside a jitted step).
       num_groups: static number of groups ``M`` with ids in ``[0, M)`` (checked eagerly);
         optional, only changes how group means are computed (segment sums instead of
         an N x N id match, same result).
-      eps: relative threshold under which a quadratic form counts as zero (see above).
+      **knob_overrides: fields of :class:`SaltKnobs` (``reweight(k, a, gamma_max=2.0)``
+        is ``reweight(k, a, knobs=SaltKnobs(gamma_max=2.0))``).
 
     Returns:
       ``(a', diagnostics)``: the ``[N]`` float coefficients and a ``SaltDiagnostics``.
@@ -376,15 +475,16 @@ def reweight(
       SALT: "When More Rollouts Don't Help in Group-Based Policy Optimization and How to
       Make Them Matter", arXiv 2606.05800 (abstract only; the formulas are SPEC's).
     """
-    check_knobs(
-        gamma_max=gamma_max,
-        power=power,
-        rank=rank,
-        energy=energy,
-        max_rank=max_rank,
-        renorm=renorm,
+    knobs = resolve_knobs(knobs, knob_overrides)
+    check_knobs(  # num_groups only; the knobs were checked by SaltKnobs
+        gamma_max=1.0,
+        power=1.0,
+        rank=None,
+        energy=None,
+        max_rank=None,
+        renorm="none",
         num_groups=num_groups,
-        eps=eps,
+        eps=0.0,
     )
     gram = jnp.asarray(gram)
     coefficients = jnp.asarray(coefficients)
@@ -422,14 +522,6 @@ def reweight(
             )
     if group_ids is None:
         group_ids = jnp.zeros((n,), jnp.int32)  # one group
-    knobs = _Knobs(
-        gamma_max=jnp.float32(gamma_max),
-        power=jnp.float32(power),
-        energy=jnp.float32(DEFAULT_ENERGY if energy is None else energy),
-        eps=jnp.float32(eps),
-        rank=jnp.int32(-1 if rank is None else min(rank, n)),
-        cap=jnp.int32(n if max_rank is None else min(max_rank, n)),
-        renorm=jnp.int32(RENORM_MODES.index(renorm)),
-        recenter=jnp.asarray(bool(recenter)),
-    )
+    if isinstance(knobs, SaltKnobs):
+        knobs = knobs.arrays()
     return _reweight(gram, coefficients, group_ids, knobs, num_groups=num_groups)

@@ -10,11 +10,11 @@ import optax
 
 from jaxrl_geom.salt.gram import Scope, check_scope, gram_from_features
 from jaxrl_geom.salt.reweight import (
-    DEFAULT_EPS,
-    Renorm,
     SaltDiagnostics,
+    SaltKnobs,
     check_knobs,
     neutral_diagnostics,
+    resolve_knobs,
     reweight,
 )
 
@@ -45,17 +45,11 @@ def _check_residual(residual: Any, like: Any) -> None:
 
 
 def salt(
+    knobs: SaltKnobs | None = None,
     *,
-    gamma_max: float = 1.0,
-    power: float = 1.0,
-    rank: int | None = None,
-    energy: float | None = None,
-    max_rank: int | None = None,
-    renorm: Renorm = "update_norm",
-    recenter: bool = False,
     scope: Scope = None,
     num_groups: int | None = None,
-    eps: float = DEFAULT_EPS,
+    **knob_overrides: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """SALT: reweight group-relative coefficients by the per-sample Gram geometry.
 
@@ -77,8 +71,9 @@ def salt(
     of the chain (clipping, Adam, weight decay, LongAct) sees a normal gradient.
 
     Args:
-      gamma_max, power, rank, energy, max_rank, renorm, recenter, num_groups, eps:
-        as in ``jaxrl_geom.salt.reweight``.
+      knobs: the :class:`~jaxrl_geom.salt.SaltKnobs` (default ``SaltKnobs()``);
+        ``**knob_overrides`` replace fields (``salt(gamma_max=2.0)``).
+      num_groups: as in ``jaxrl_geom.salt.reweight``.
       scope: parameter filter for the Gram: ``None`` (all), a regex searched in the
         '.'-joined parameter path, or a callable ``(path_str, leaf) -> bool``.
 
@@ -99,15 +94,16 @@ def salt(
     References:
       SALT, arXiv 2606.05800 (abstract only; the formalization is SPEC section 2).
     """
-    check_knobs(
-        gamma_max=gamma_max,
-        power=power,
-        rank=rank,
-        energy=energy,
-        max_rank=max_rank,
-        renorm=renorm,
+    knobs = resolve_knobs(knobs, knob_overrides)
+    check_knobs(  # num_groups only; the knobs were checked by SaltKnobs
+        gamma_max=1.0,
+        power=1.0,
+        rank=None,
+        energy=None,
+        max_rank=None,
+        renorm="none",
         num_groups=num_groups,
-        eps=eps,
+        eps=0.0,
     )
     check_scope(scope)
 
@@ -146,20 +142,7 @@ def salt(
                 f"{bad[:3] or 'no leaves'}. " + _FIRST_IN_CHAIN
             )
         gram = gram_from_features(updates, scope)  # [N, N]
-        a_new, diagnostics = reweight(
-            gram,
-            coefficients,
-            group_ids,
-            gamma_max=gamma_max,
-            power=power,
-            rank=rank,
-            energy=energy,
-            max_rank=max_rank,
-            renorm=renorm,
-            recenter=recenter,
-            num_groups=num_groups,
-            eps=eps,
-        )
+        a_new, diagnostics = reweight(gram, coefficients, group_ids, knobs, num_groups=num_groups)
 
         def combine(g: jax.Array) -> jax.Array:  # [N, ...] -> [...]
             dtype = jnp.promote_types(g.dtype, a_new.dtype)

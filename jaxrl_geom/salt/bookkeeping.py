@@ -1,0 +1,161 @@
+"""Book-keeping (Bu et al., arXiv:2210.00038): the Gram AND the reweighted update from
+one backward pass, from each op's kept input ``X`` and output cotangent ``D``.
+
+The taps of :func:`jaxrl_geom.salt.ghost.attach_gram_taps` with ``keep=True`` sow every
+op's input as :class:`~jaxrl_geom.salt.ghost.KeptX` and add a zero
+:class:`~jaxrl_geom.salt.ghost.KeptD` probe to its output, whose gradient is ``D``.
+Rows are independent, so the backward of ``sum_i l_i`` gives row ``i``'s own
+``D_i``; then per op (``c = a'`` per row, ``D^kl`` the KL term's cotangent):
+
+.. math::
+    K \\mathrel{+}= \\mathrm{block}(X, D), \\qquad
+    \\nabla W = X^\\top (c \\odot D + D^{kl})
+
+(``Linear``: ``X^T D``, bias ``sum_t D``; ``RMSNorm``: ``sum_t xhat * D``; ``Embedding``:
+scatter-add of ``D`` at the token ids, plus ``h^T D^logits`` for a tied head).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrl_geom.param_paths import path_to_str
+from jaxrl_geom.salt.blocks import _dense_block, _last, _lookup_gram, _tied_block
+from jaxrl_geom.salt.ghost import DenseTap, EmbeddingTap, KeptD, ScaleTap, _Tap
+from jaxrl_geom.salt.gram import _mm, scale_gram
+
+Kept = dict[str, dict[str, jax.Array]]  # module path -> slot ("main" | "head") -> array
+
+
+def tapped_modules(model: nnx.Module) -> dict[str, tuple[nnx.Module, _Tap]]:
+    """``{module path: (module, its tap)}`` of every tapped op of ``model``."""
+    out = {}
+    for path, module in nnx.iter_modules(model):
+        tap = getattr(module, "gram_tap", None)
+        if isinstance(tap, _Tap):
+            out[".".join(str(p) for p in path)] = (module, tap)
+    return out
+
+
+def kept_by_module(state: Any, suffix: str = "") -> Kept:
+    """Flatten a ``KeptX`` / ``KeptD`` state into ``{module path: {slot: array}}``.
+
+    Raises:
+      ValueError: a tap sowed twice (the op ran twice in one forward pass).
+    """
+    out: Kept = {}
+    for path, value in nnx.to_flat_state(state):
+        value = value.get_value() if isinstance(value, nnx.Variable) else value
+        if isinstance(value, tuple):
+            if len(value) != 1:
+                raise ValueError(
+                    f"{'.'.join(map(str, path))} was called {len(value)} times in one forward "
+                    "pass; book-keeping (and the Gram) needs each op applied once."
+                )
+            value = value[0]
+        module = ".".join(str(p) for p in path[:-2])  # drop "gram_tap", slot
+        out.setdefault(module, {})[str(path[-1]).removesuffix(suffix)] = value
+    return out
+
+
+def set_kept_d_probes(model: nnx.Module, outputs: Kept) -> None:
+    """Give every keep-tap a zero ``KeptD`` probe shaped like its output(s) ``y``."""
+    for name, (_, tap) in tapped_modules(model).items():
+        for slot in ("main", "head"):
+            y = outputs.get(name, {}).get(f"{slot}_out")
+            if y is not None:
+                setattr(tap, f"d_{slot}", KeptD(jnp.zeros(y.shape, y.dtype)))
+
+
+def kept_bytes(outputs: Kept, num_d: int) -> int:
+    """Bytes of the kept ``X`` plus ``num_d`` copies of every ``D`` (shape-static)."""
+    total = 0
+    for slots in outputs.values():
+        for key, a in slots.items():
+            size = a.size * jnp.dtype(a.dtype).itemsize
+            total += size * (num_d if key.endswith("_out") else 1)
+    return total
+
+
+def gram_from_kept(model: nnx.Module, xs: Kept, ds: Kept) -> jax.Array:
+    """``K`` over the in-scope ops, from kept inputs ``xs`` and cotangents ``ds``."""
+    gram = None
+    for name, (_, tap) in tapped_modules(model).items():
+        spec, x, d = tap.spec, xs[name], ds[name]
+        if not (spec.weight or spec.bias):
+            continue
+        proj = tap.projections()
+        if isinstance(tap, DenseTap):
+            block = _dense_block(x["main"], d["d_main"], spec, proj, weight=spec.weight)
+        elif isinstance(tap, ScaleTap):
+            block = scale_gram(_flat3(x["main"]), _flat3(d["d_main"]))
+        elif spec.tied:
+            block = _tied_block(spec, proj, x["main"], d["d_main"], x["head"], d["d_head"])
+        else:
+            block = _lookup_gram(x["main"], d["d_main"], spec)
+        gram = block if gram is None else gram + block
+    if gram is None:
+        raise ValueError("No tapped op is in the SALT scope; widen SaltConfig.scope.")
+    return gram
+
+
+def grads_from_kept(model: nnx.Module, params: nnx.State, xs: Kept, ds: Kept) -> nnx.State:
+    """Parameter gradients ``X^T D`` per op (``ds`` already weighted), shaped like ``params``.
+
+    Raises:
+      ValueError: a parameter is not held by a tapped ``Linear`` / ``Embedding`` /
+        ``RMSNorm`` (book-keeping cannot form its gradient; use the recompute path).
+    """
+    grads: dict[str, jax.Array] = {}
+    for name, (module, tap) in tapped_modules(model).items():
+        x, d = xs[name], ds[name]
+        if isinstance(tap, DenseTap):
+            xx, dd = _last(tap.spec, x["main"], d["d_main"])
+            grads[f"{name}.kernel"] = _mm("ti,to->io", _flat2(xx), _flat2(dd))
+            if module.bias is not None:
+                grads[f"{name}.bias"] = jnp.sum(_flat2(dd).astype(jnp.float32), axis=0)
+        elif isinstance(tap, ScaleTap):
+            prod = x["main"].astype(jnp.float32) * d["d_main"].astype(jnp.float32)
+            grads[f"{name}.scale"] = jnp.sum(_flat2(prod), axis=0)
+        elif isinstance(tap, EmbeddingTap):
+            table = module.embedding
+            dd = _flat2(d["d_main"]).astype(jnp.float32)
+            g = jax.ops.segment_sum(dd, x["main"].reshape(-1), num_segments=table.shape[0])
+            if tap.spec.tied:
+                h, dl = _last(tap.spec, x["head"], d["d_head"])
+                g = g + _mm("td,tv->vd", _flat2(h), _flat2(dl))
+            grads[f"{name}.embedding"] = g
+
+    def leaf(path, p):
+        key = path_to_str(path)
+        if key not in grads:
+            raise ValueError(
+                f"Book-keeping found no tap for parameter {key!r}; only Linear, Embedding "
+                "and RMSNorm parameters have one. Use SaltConfig(keep_budget_gib=0)."
+            )
+        return grads[key].astype(p.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def all_params_tapped(model: nnx.Module, params: nnx.State) -> bool:
+    """Whether every parameter is held by an op book-keeping can differentiate."""
+    names = {
+        f"{name}.{attr}"
+        for name, (module, _) in tapped_modules(model).items()
+        for attr in ("kernel", "bias", "embedding", "scale")
+        if getattr(module, attr, None) is not None
+    }
+    return all(path_to_str(p) in names for p, _ in jax.tree_util.tree_leaves_with_path(params))
+
+
+def _flat2(a: jax.Array) -> jax.Array:
+    return a.reshape(-1, a.shape[-1])
+
+
+def _flat3(a: jax.Array) -> jax.Array:
+    return a.reshape(a.shape[0], -1, a.shape[-1])

@@ -92,7 +92,7 @@ CLI_CASES = [
     ("mesh-size-zero", "train mesh.fsdp=0", "mesh.fsdp"),
     ("mesh-two-minus-one", "train mesh.data=-1 mesh.fsdp=-1", "at most one size may be -1"),
     ("micro-batches-not-dividing-N", "train grpo.num_micro_batches=3", "num_micro_batches=3"),
-    ("salt-option", "train salt.enabled=true salt.gamma_max=-1", "salt: gamma_max"),
+    ("salt-option", "train salt.enabled=true salt.knobs.gamma_max=-1", "gamma_max"),
     # checked against the devices, the model and the task: still before any file
     ("mesh-vs-devices", "train {tiny} mesh.data=3", "mesh:"),
     ("micro-batch-vs-data-axes", "train {tiny} grpo.num_micro_batches=2", "data x fsdp = 8"),

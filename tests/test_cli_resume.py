@@ -226,8 +226,8 @@ def test_overwrite_replaces_the_run_and_skips_stop_it(reference, tmp_path, monke
 
     real_step = train_lib.grpo_step
 
-    def always_skipped(state, batch, config, **kw):
-        state, metrics = real_step(state, batch, config, **kw)
+    def always_skipped(state, batch, config, *args, **kw):
+        state, metrics = real_step(state, batch, config, *args, **kw)
         return state, {**metrics, "skipped": np.float32(1.0)}
 
     monkeypatch.setattr(train_lib, "grpo_step", always_skipped)

@@ -35,10 +35,12 @@ def _parse_kv(prompt):
 
 
 def test_registry():
-    assert task_names() == ["arithmetic", "gsm8k", "kv_retrieval"]
+    assert task_names() == ["arithmetic", "gsm8k", "kv_retrieval", "worked_addition"]
     assert isinstance(get_task("kv_retrieval", num_pairs=6), KVRetrievalTask)
     assert get_task("arithmetic").name == "arithmetic"
-    with pytest.raises(ValueError, match=r"'arithmetic', 'gsm8k', 'kv_retrieval'"):
+    with pytest.raises(
+        ValueError, match=r"'arithmetic', 'gsm8k', 'kv_retrieval', 'worked_addition'"
+    ):
         get_task("sudoku")
     with pytest.raises(ValueError, match=r"no arguments \['digits'\].*num_digits"):
         get_task("arithmetic", digits=3)

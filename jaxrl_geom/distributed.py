@@ -29,9 +29,11 @@ import jax
 __all__ = [
     "DistributedConfig",
     "add_arguments",
+    "barrier",
     "initialize",
     "initialize_from_args",
     "is_main_process",
+    "raise_if_any",
     "require_single_process",
     "resolve",
 ]
@@ -181,6 +183,37 @@ def initialize(
 def is_main_process() -> bool:
     """True in process 0, the one that prints and writes files."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier ``name`` (a no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def raise_if_any(error: BaseException | None) -> None:
+    """Collective check: raise in every process if any process failed its check.
+
+    A process raises its own ``error``; the others raise a ``ValueError`` naming the
+    first process that failed, so no process waits forever in a later collective.
+    """
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is not None:
+        raise error
+    if failed.any():
+        raise ValueError(
+            f"process {int(np.argmax(failed.reshape(-1)))} failed a check before the run "
+            "started; see its message."
+        )
 
 
 def add_arguments(parser: Any) -> None:

@@ -78,9 +78,12 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def restore_run(out_dir: Path, cfg: TrainConfig, target: Any) -> tuple[int, Any, dict]:
+def restore_run(
+    out_dir: Path, cfg: TrainConfig, target: Any, *, move_damaged: bool = True
+) -> tuple[int, Any, dict]:
     """Newest restorable checkpoint of ``out_dir``: ``(round, arrays, meta)``; moves damaged
-    newer ones to ``corrupt_checkpoints/`` only once one restores."""
+    newer ones to ``corrupt_checkpoints/`` only once one restores (with ``move_damaged``:
+    in a multi-process run every process restores, process 0 alone moves)."""
     try:
         ckpt = Checkpointer(out_dir / "checkpoints", read_only=True)
     except CheckpointError as err:
@@ -111,7 +114,7 @@ def restore_run(out_dir: Path, cfg: TrainConfig, target: Any) -> tuple[int, Any,
             f"--resume {out_dir}: {done} GRPO rounds are done (checkpoint {step}) but steps="
             f"{cfg.steps}; pass steps=N with N > {done} to train further."
         )
-    for bad in skipped:
+    for bad in skipped if move_damaged else ():
         dest = out_dir / "corrupt_checkpoints" / str(bad)
         dest.parent.mkdir(exist_ok=True)
         shutil.move(str(out_dir / "checkpoints" / str(bad)), str(dest))

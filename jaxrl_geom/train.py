@@ -444,14 +444,15 @@ def _salt_config(cfg: TrainConfig) -> Any:
     return SaltConfig(**s)
 
 
-def load_policy(run_dir: str | Path) -> tuple[nnx.Module, TrainConfig]:
-    """Rebuild the policy of a finished or interrupted run from its newest checkpoint
-    that restores (a damaged newer one is skipped with a warning)."""
-    policy, run = load_run(run_dir)
+def load_policy(run_dir: str | Path, *, step: int | None = None) -> tuple[nnx.Module, TrainConfig]:
+    """Rebuild the policy of a finished or interrupted run from its checkpoint of GRPO
+    round ``step``, by default the newest that restores (a damaged newer one is skipped
+    with a warning)."""
+    policy, run = load_run(run_dir, step=step)
     return policy, run.cfg
 
 
-def load_run(run_dir: str | Path) -> tuple[nnx.Module, Run]:
+def load_run(run_dir: str | Path, *, step: int | None = None) -> tuple[nnx.Module, Run]:
     """:func:`load_policy` plus the :class:`Run` (tokenizer, task, mesh) of its config."""
     from jaxrl_geom.config import load_run_config
 
@@ -475,7 +476,10 @@ def load_run(run_dir: str | Path) -> tuple[nnx.Module, Run]:
             )
 
         target = _ckpt_arrays(state, jax.random.key(0), reference, run.mesh)
-        _, restored, _ = ckpt.restore_latest(target, on_skip=warn)
+        if step is None:
+            _, restored, _ = ckpt.restore_latest(target, on_skip=warn)
+        else:
+            restored, _ = ckpt.restore(target, step)
     finally:
         ckpt.close()
     return state.replace(params=restored["params"]).model(), run

@@ -34,7 +34,6 @@ __all__ = [
     "initialize_from_args",
     "is_main_process",
     "raise_if_any",
-    "require_single_process",
     "resolve",
 ]
 
@@ -231,13 +230,3 @@ def initialize_from_args(args: Any) -> DistributedConfig:
         getattr(args, "num_processes", None),
         getattr(args, "process_id", None),
     )
-
-
-def require_single_process(what: str) -> None:
-    """Refuse to run ``what`` in a multi-process job (its loop is single-process so far)."""
-    if jax.process_count() > 1:
-        raise ValueError(
-            f"{what} runs in one process so far ({jax.process_count()} were started). "
-            "Multi-process training goes through jaxrl_geom.rollout.collect_rollouts and "
-            "grpo_step on the global mesh (docs/SCALE.md, tests/multihost_job.py)."
-        )

@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -46,6 +47,7 @@ __all__ = [
     "collect_rollouts_dynamic",
     "evaluate_rewards",
     "grpo_step",
+    "host_values",
     "sample_examples",
     "warmup_steps",
 ]
@@ -60,6 +62,18 @@ def sample_examples(
     while len(out) < n:
         out.extend(e for e in task.sample_prompts(rng, n) if e.prompt not in exclude)
     return out[:n]
+
+
+def host_values(tree: Any) -> Any:
+    """A pytree of device values (e.g. ``grpo_step``'s metrics) as NumPy in every process;
+    arrays spanning several processes are gathered (a collective: call it everywhere)."""
+
+    def get(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, tree)
 
 
 def warmup_steps(

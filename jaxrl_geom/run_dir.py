@@ -8,6 +8,7 @@ checks before it writes: a bad directory is a ``ValueError`` naming it and the f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,8 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jaxrl_geom import distributed
 from jaxrl_geom.checkpoints import Checkpointer, CheckpointError
-from jaxrl_geom.config import TrainConfig
+from jaxrl_geom.config import TrainConfig, to_dict
 
 RUN_FILES = (
     "config.json",
@@ -60,6 +62,34 @@ def check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
             f"--overwrite only replaces a run directory, but output_dir={out_dir} also holds "
             f"{', '.join(foreign[:4])}; remove them yourself or choose another output_dir."
         )
+
+
+def check_run_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """:func:`check_output_dir` for a fresh run, a ``config.json`` for ``resume``.
+
+    Every process checks (``output_dir`` is one shared directory, as on pods with NFS
+    or GCS); a failure in any process is raised in all of them, before any work.
+    """
+    error = None
+    try:
+        if resume and not (out_dir / "config.json").is_file():
+            raise ValueError(f"--resume {out_dir}: not a run directory (no config.json).")
+        if not resume:
+            check_output_dir(out_dir, overwrite=overwrite)
+    except ValueError as err:
+        error = err
+    distributed.raise_if_any(error)
+
+
+def write_run_config(out_dir: Path, cfg: TrainConfig) -> None:
+    """Create ``out_dir`` and write ``config.json`` (paths made absolute, so the run
+    resumes from any working directory)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = dataclasses.replace(cfg, output_dir=str(out_dir))
+    if cfg.model.path:
+        model = dataclasses.replace(cfg.model, path=os.path.abspath(cfg.model.path))
+        saved = dataclasses.replace(saved, model=model)
+    write_json(out_dir / "config.json", to_dict(saved))
 
 
 def clear_run_dir(out_dir: Path) -> None:

@@ -28,24 +28,30 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jaxrl_geom import distributed, sharding
 from jaxrl_geom import metrics as metrics_lib
 from jaxrl_geom.checkpoints import Checkpointer
-from jaxrl_geom.config import TrainConfig, to_dict
+from jaxrl_geom.config import TrainConfig
 from jaxrl_geom.loop import (
     collect_rollouts,
     collect_rollouts_dynamic,
     evaluate_rewards,
+    host_values,
     sample_examples,
     warmup_steps,
 )
 from jaxrl_geom.models import Decoder, ModelConfig, load_pretrained
 from jaxrl_geom.rl.step import TrainState, grpo_step, policy_logprobs
 from jaxrl_geom.rollout import Rollouts
-from jaxrl_geom.run_dir import check_output_dir, clear_run_dir, restore_run, write_json
+from jaxrl_geom.run_dir import (
+    check_run_dir,
+    clear_run_dir,
+    restore_run,
+    write_json,
+    write_run_config,
+)
 from jaxrl_geom.sampling import Sample
 from jaxrl_geom.tasks import get_task
 from jaxrl_geom.tokenizers import CharTokenizer, load_tokenizer
@@ -144,17 +150,6 @@ def _rollouts(state: TrainState, run: Run, rng: np.random.Generator, key: jax.Ar
             model, next_examples=examples, max_tries=cfg.max_sampling_tries, **kwargs
         )
     return collect_rollouts(model, examples=examples(), **kwargs)
-
-
-def _host(tree: Any) -> Any:
-    """Device metrics as NumPy in every process (a collective for process-spanning ones)."""
-
-    def get(x: Any) -> Any:
-        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
-            return multihost_utils.process_allgather(x, tiled=True)
-        return np.asarray(jax.device_get(x))
-
-    return jax.tree.map(get, tree)
 
 
 class TrainingHalted(RuntimeError):
@@ -279,15 +274,7 @@ def train(
     """
     out_dir = Path(os.path.abspath(cfg.output_dir))
     main = distributed.is_main_process()
-    error = None
-    try:
-        if resume and not (out_dir / "config.json").is_file():
-            raise ValueError(f"--resume {out_dir}: not a run directory (no config.json).")
-        if not resume:
-            check_output_dir(out_dir, overwrite=overwrite)
-    except ValueError as err:
-        error = err
-    distributed.raise_if_any(error)  # every process fails together, before any work
+    check_run_dir(out_dir, resume=resume, overwrite=overwrite)
     run, policy, tx, salt_cfg = prepare(cfg)
     rng = np.random.default_rng(cfg.seed)
     key = jax.random.key(cfg.seed)
@@ -316,12 +303,7 @@ def train(
     if main:
         if overwrite and not resume:
             clear_run_dir(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        saved = dataclasses.replace(cfg, output_dir=str(out_dir))
-        if cfg.model.path:  # absolute, so the run resumes from any working directory
-            model = dataclasses.replace(cfg.model, path=os.path.abspath(cfg.model.path))
-            saved = dataclasses.replace(saved, model=model)
-        write_json(out_dir / "config.json", to_dict(saved))
+        write_run_config(out_dir, cfg)
     distributed.barrier("jaxrl_geom.train: run directory ready")
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=cfg.checkpoints_to_keep)
     writer = None
@@ -385,7 +367,7 @@ def train(
                         "last good step. Lower optim.learning_rate, check the task's rewards, "
                         "then --resume from the last checkpoint."
                     )
-            row = {**ro.metrics, **_host(step_metrics), "skipped_steps": skipped_total}
+            row = {**ro.metrics, **host_values(step_metrics), "skipped_steps": skipped_total}
             if grpo_round % cfg.eval_every == 0 or grpo_round == cfg.steps:
                 row.update(evaluate(state, run))
             scalars = log(grpo_round, row)

@@ -10,6 +10,8 @@ Public surface (docs/SPEC.md section 4), imported lazily so ``import jaxrl_geom`
 - ``jaxrl_geom.longact``: ``longact(...)``, activation capture helpers.
 - ``jaxrl_geom.tasks``: built-in verifiable-reward tasks.
 - ``jaxrl_geom.rollout``: ``collect_rollouts`` / ``evaluate_rewards``, in one process or many.
+- ``jaxrl_geom.loop``: the train loop's parts (``warmup_steps``, ``sample_examples``, DAPO
+  ``collect_rollouts_dynamic``, plus the above and ``grpo_step``) for hand-written loops.
 - ``jaxrl_geom.distributed``: ``initialize()`` of a multi-process run (docs/SCALE.md).
 """
 
@@ -20,7 +22,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     *("models", "sampling", "rl", "salt", "longact", "tasks", "sharding"),
-    *("rollout", "distributed"),
+    *("rollout", "distributed", "loop"),
 )
 
 __all__ = list(_SUBMODULES)

@@ -39,7 +39,6 @@ def _train(args: argparse.Namespace) -> int:
     from jaxrl_geom import distributed
 
     distributed.initialize_from_args(args)  # first: before anything touches a device
-    distributed.require_single_process("jaxrl-geom train")
     from jaxrl_geom.config import load_config, load_run_config, to_dict
 
     if args.resume:
@@ -64,6 +63,8 @@ def _train(args: argparse.Namespace) -> int:
     result = train(
         cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress
     )
+    if not distributed.is_main_process():
+        return 0  # process 0 reports for all
     start = result.get("eval_start", {}).get("eval/reward_mean")
     warm = result["eval_after_warmup"]["eval/reward_mean"]
     final = result["eval_final"]["eval/reward_mean"]

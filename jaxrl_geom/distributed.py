@@ -29,10 +29,11 @@ import jax
 __all__ = [
     "DistributedConfig",
     "add_arguments",
+    "barrier",
     "initialize",
     "initialize_from_args",
     "is_main_process",
-    "require_single_process",
+    "raise_if_any",
     "resolve",
 ]
 
@@ -183,6 +184,37 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier ``name`` (a no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def raise_if_any(error: BaseException | None) -> None:
+    """Collective check: raise in every process if any process failed its check.
+
+    A process raises its own ``error``; the others raise a ``ValueError`` naming the
+    first process that failed, so no process waits forever in a later collective.
+    """
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is not None:
+        raise error
+    if failed.any():
+        raise ValueError(
+            f"process {int(np.argmax(failed.reshape(-1)))} failed a check before the run "
+            "started; see its message."
+        )
+
+
 def add_arguments(parser: Any) -> None:
     """Add ``--coordinator``, ``--num-processes``, ``--process-id`` to an argparse parser."""
     g = parser.add_argument_group("multi-process (one process per host; see docs/SCALE.md)")
@@ -198,13 +230,3 @@ def initialize_from_args(args: Any) -> DistributedConfig:
         getattr(args, "num_processes", None),
         getattr(args, "process_id", None),
     )
-
-
-def require_single_process(what: str) -> None:
-    """Refuse to run ``what`` in a multi-process job (its loop is single-process so far)."""
-    if jax.process_count() > 1:
-        raise ValueError(
-            f"{what} runs in one process so far ({jax.process_count()} were started). "
-            "Multi-process training goes through jaxrl_geom.rollout.collect_rollouts and "
-            "grpo_step on the global mesh (docs/SCALE.md, tests/multihost_job.py)."
-        )

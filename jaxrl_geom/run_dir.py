@@ -8,6 +8,7 @@ checks before it writes: a bad directory is a ``ValueError`` naming it and the f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,8 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jaxrl_geom import distributed
 from jaxrl_geom.checkpoints import Checkpointer, CheckpointError
-from jaxrl_geom.config import TrainConfig
+from jaxrl_geom.config import TrainConfig, to_dict
 
 RUN_FILES = (
     "config.json",
@@ -62,6 +64,34 @@ def check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
         )
 
 
+def check_run_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """:func:`check_output_dir` for a fresh run, a ``config.json`` for ``resume``.
+
+    Every process checks (``output_dir`` is one shared directory, as on pods with NFS
+    or GCS); a failure in any process is raised in all of them, before any work.
+    """
+    error = None
+    try:
+        if resume and not (out_dir / "config.json").is_file():
+            raise ValueError(f"--resume {out_dir}: not a run directory (no config.json).")
+        if not resume:
+            check_output_dir(out_dir, overwrite=overwrite)
+    except ValueError as err:
+        error = err
+    distributed.raise_if_any(error)
+
+
+def write_run_config(out_dir: Path, cfg: TrainConfig) -> None:
+    """Create ``out_dir`` and write ``config.json`` (paths made absolute, so the run
+    resumes from any working directory)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = dataclasses.replace(cfg, output_dir=str(out_dir))
+    if cfg.model.path:
+        model = dataclasses.replace(cfg.model, path=os.path.abspath(cfg.model.path))
+        saved = dataclasses.replace(saved, model=model)
+    write_json(out_dir / "config.json", to_dict(saved))
+
+
 def clear_run_dir(out_dir: Path) -> None:
     for name in RUN_FILES:
         path = out_dir / name
@@ -78,9 +108,12 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def restore_run(out_dir: Path, cfg: TrainConfig, target: Any) -> tuple[int, Any, dict]:
+def restore_run(
+    out_dir: Path, cfg: TrainConfig, target: Any, *, move_damaged: bool = True
+) -> tuple[int, Any, dict]:
     """Newest restorable checkpoint of ``out_dir``: ``(round, arrays, meta)``; moves damaged
-    newer ones to ``corrupt_checkpoints/`` only once one restores."""
+    newer ones to ``corrupt_checkpoints/`` only once one restores (with ``move_damaged``:
+    in a multi-process run every process restores, process 0 alone moves)."""
     try:
         ckpt = Checkpointer(out_dir / "checkpoints", read_only=True)
     except CheckpointError as err:
@@ -111,7 +144,7 @@ def restore_run(out_dir: Path, cfg: TrainConfig, target: Any) -> tuple[int, Any,
             f"--resume {out_dir}: {done} GRPO rounds are done (checkpoint {step}) but steps="
             f"{cfg.steps}; pass steps=N with N > {done} to train further."
         )
-    for bad in skipped:
+    for bad in skipped if move_damaged else ():
         dest = out_dir / "corrupt_checkpoints" / str(bad)
         dest.parent.mkdir(exist_ok=True)
         shutil.move(str(out_dir / "checkpoints" / str(bad)), str(dest))

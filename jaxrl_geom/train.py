@@ -6,7 +6,10 @@ One round of GRPO, host side then device side::
       --decode + task.reward--> R [N] --advantages--> A [N] --grpo_step x mu--> params
 
 Everything that touches arrays on the device is jitted (sampler, step); rewards are
-computed on decoded text on the host, as verifiable rewards are.
+computed on decoded text on the host, as verifiable rewards are. The loop is built from
+the public parts in :mod:`jaxrl_geom.loop` (warm-up, rollouts, ``grpo_step``,
+evaluation); in a multi-process run each process handles its own rows of the global
+batch (:mod:`jaxrl_geom.rollout`), so results do not depend on the process count.
 """
 
 from __future__ import annotations
@@ -27,28 +30,31 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxrl_geom import distributed, sharding
 from jaxrl_geom import metrics as metrics_lib
-from jaxrl_geom import sharding
 from jaxrl_geom.checkpoints import Checkpointer
-from jaxrl_geom.config import TrainConfig, to_dict
+from jaxrl_geom.config import TrainConfig
+from jaxrl_geom.loop import (
+    collect_rollouts,
+    collect_rollouts_dynamic,
+    evaluate_rewards,
+    host_values,
+    sample_examples,
+    warmup_steps,
+)
 from jaxrl_geom.models import Decoder, ModelConfig, load_pretrained
-from jaxrl_geom.rl import advantages as adv_lib
-from jaxrl_geom.rl import dapo
-from jaxrl_geom.rl.rollouts import make_rollout_batch, repeat_prompts
 from jaxrl_geom.rl.step import TrainState, grpo_step, policy_logprobs
-from jaxrl_geom.run_dir import check_output_dir, clear_run_dir, restore_run, write_json
-from jaxrl_geom.sampling import Greedy, Sample, generate
+from jaxrl_geom.rollout import Rollouts
+from jaxrl_geom.run_dir import (
+    check_run_dir,
+    clear_run_dir,
+    restore_run,
+    write_json,
+    write_run_config,
+)
+from jaxrl_geom.sampling import Sample
 from jaxrl_geom.tasks import get_task
 from jaxrl_geom.tokenizers import CharTokenizer, load_tokenizer
-from jaxrl_geom.warmup import demonstration_batch, sft_step
-
-
-def _bucket(n: int, minimum: int = 16) -> int:
-    """Next power of two >= n (prompt-length bucket: one compile per bucket)."""
-    b = minimum
-    while b < n:
-        b *= 2
-    return b
 
 
 @dataclasses.dataclass
@@ -105,185 +111,45 @@ def build_optimizer(cfg: TrainConfig, model_config: ModelConfig) -> optax.Gradie
     return optax.chain(*links)
 
 
-def encode_prompts(tokenizer: Any, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad prompts to a power-of-two bucket; mask from lengths."""
-    longest = max(len(tokenizer.encode(p)) for p in prompts)
-    return tokenizer.batch_encode(prompts, pad_to=_bucket(longest), left_pad=True)
-
-
-def decode_completions(tokenizer: Any, completion: np.ndarray, lengths: np.ndarray) -> list[str]:
-    """Decode each completion up to its length (the stop token is dropped by decode)."""
-    return [
-        tokenizer.decode(row[: int(n)].tolist()) for row, n in zip(completion, lengths, strict=True)
-    ]
-
-
 def evaluate(state_or_model: Any, run: Run, examples: list | None = None) -> dict[str, float]:
-    """Greedy decoding on held-out prompts; mean task reward and accuracy."""
+    """Greedy decoding on held-out prompts (default: the run's); mean task reward and
+    accuracy over all of them, each process decoding its own block."""
     model = state_or_model.model() if isinstance(state_or_model, TrainState) else state_or_model
-    examples = run.eval_examples if examples is None else examples
-    tok, mask = encode_prompts(run.tokenizer, [e.prompt for e in examples])
-    out = generate(
+    return evaluate_rewards(
         model,
-        tok,
-        mask,
-        jax.random.key(0),
+        examples=run.eval_examples if examples is None else examples,
+        tokenizer=run.tokenizer,
+        reward_fn=run.task.reward,
         max_new_tokens=run.cfg.sampling.max_new_tokens,
-        method=Greedy(),
-        stop_tokens=(run.tokenizer.eos_id,),
-        pad_id=run.tokenizer.pad_id,
         mesh=run.mesh,
     )
-    texts = decode_completions(run.tokenizer, np.asarray(out.completion), np.asarray(out.lengths))
-    rewards = np.array([run.task.reward(t, e) for t, e in zip(texts, examples, strict=True)])
-    return {
-        "eval/reward_mean": float(rewards.mean()),
-        "eval/accuracy": float((rewards >= 1).mean()),
-    }
 
 
-def _sample_examples(run: Run, rng: np.random.Generator, n: int) -> list:
-    """Training prompts, never one of the held-out evaluation prompts."""
-    out: list = []
-    while len(out) < n:
-        out.extend(e for e in run.task.sample_prompts(rng, n) if e.prompt not in run.eval_prompts)
-    return out[:n]
+def _rollouts(state: TrainState, run: Run, rng: np.random.Generator, key: jax.Array) -> Rollouts:
+    """One round's M x G scored rollouts (DAPO dynamic sampling when configured)."""
+    cfg, s = run.cfg, run.cfg.sampling
 
+    def examples() -> list:
+        return sample_examples(run.task, rng=rng, n=cfg.prompts_per_step, exclude=run.eval_prompts)
 
-def warmup(state: TrainState, run: Run, rng: np.random.Generator, pbar: Any) -> TrainState:
-    """Supervised warm-up steps on task demonstrations."""
-    w = run.cfg.warmup
-    tok = run.tokenizer
-    for _ in range(w.steps):
-        examples = _sample_examples(run, rng, w.batch_size)
-        ptok, pmask = encode_prompts(tok, [e.prompt for e in examples])
-        comps = [
-            tok.encode(run.task.demonstration(e), add_bos=False) + [tok.eos_id] for e in examples
-        ]
-        batch = demonstration_batch(ptok, pmask, comps, run.cfg.sampling.max_new_tokens, tok.pad_id)
-        batch = sharding.shard_batch(batch, run.mesh)
-        state, m = sft_step(state, batch)
-        pbar.update(1)
-        pbar.set_postfix(sft_loss=f"{float(m['sft/loss']):.3f}")
-    return state
-
-
-def collect_rollouts(
-    state: TrainState, run: Run, rng: np.random.Generator, key: jax.Array
-) -> tuple[Any, dict[str, float]]:
-    """Sample M x G rollouts, score them, and build the rollout batch.
-
-    With DAPO dynamic sampling, groups whose rewards are all equal are dropped and
-    more prompts are sampled, up to ``max_sampling_tries`` rounds; if the batch is
-    still not full, dropped groups fill it (their advantages are 0) and the metrics
-    say how full it was.
-    """
-    cfg = run.cfg
-    m_target, g = cfg.prompts_per_step, cfg.num_generations
-    model = state.model()
-    tok = run.tokenizer
-    method = Sample(
-        temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p
+    kwargs = dict(
+        tokenizer=run.tokenizer,
+        reward_fn=run.task.reward,
+        key=key,
+        num_generations=cfg.num_generations,
+        max_new_tokens=s.max_new_tokens,
+        method=Sample(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p),
+        mesh=run.mesh,
+        scale_rewards=cfg.scale_rewards,
+        overlong_buffer=cfg.overlong_buffer,
+        overlong_penalty=cfg.overlong_penalty,
     )
-    keys = iter(jax.random.split(key, cfg.max_sampling_tries))
-
-    def sample_groups(_num_missing: int) -> tuple[list[dict[str, Any]], np.ndarray]:
-        # Always M prompts per call: one sampler compile, whatever is missing.
-        examples = _sample_examples(run, rng, m_target)
-        ptok, pmask = encode_prompts(tok, [e.prompt for e in examples])
-        rtok, rmask, _ = repeat_prompts(ptok, pmask, g)
-        out = generate(
-            model,
-            rtok,
-            rmask,
-            next(keys),
-            max_new_tokens=cfg.sampling.max_new_tokens,
-            method=method,
-            stop_tokens=(tok.eos_id,),
-            pad_id=tok.pad_id,
-            mesh=run.mesh,
-        )
-        out = jax.device_get(out)
-        texts = decode_completions(tok, out.completion, out.lengths)
-        rewards = np.array(
-            [run.task.reward(t, examples[i // g]) for i, t in enumerate(texts)], np.float32
-        ).reshape(m_target, g)
-        groups = [
-            {
-                "tokens": out.tokens[rows],
-                "prompt_mask": rmask[rows],
-                "completion_mask": out.completion_mask[rows],
-                "logprobs": out.logprobs[rows],
-                "lengths": out.lengths[rows],
-                "truncated": out.truncated[rows],
-                "rewards": rewards[j],
-            }
-            for j, rows in enumerate(slice(j * g, (j + 1) * g) for j in range(m_target))
-        ]
-        return groups, rewards
-
+    model = (state.graphdef, state.params, state.rest)
     if cfg.dynamic_sampling:
-        filled = dapo.fill_batch(sample_groups, m_target, cfg.max_sampling_tries, on_short="pad")
-        groups, sampling_info = filled.groups, filled.metrics
-    else:
-        groups, _ = sample_groups(m_target)
-        sampling_info = {}
-
-    batch_np = _stack_groups(groups, tok.pad_id)
-    raw_rewards = batch_np["rewards"].astype(np.float32)
-    rewards = raw_rewards
-    if cfg.overlong_buffer > 0:
-        rewards = rewards + np.asarray(
-            dapo.soft_overlong_punishment(
-                jnp.asarray(batch_np["lengths"]),
-                cfg.sampling.max_new_tokens,
-                cfg.overlong_buffer,
-                cfg.overlong_penalty,
-            )
+        return collect_rollouts_dynamic(
+            model, next_examples=examples, max_tries=cfg.max_sampling_tries, **kwargs
         )
-    group_ids = np.repeat(np.arange(m_target, dtype=np.int32), g)
-    advantages = adv_lib.group_advantages(
-        jnp.asarray(rewards), jnp.asarray(group_ids), scale=cfg.scale_rewards, num_groups=m_target
-    )
-    batch = make_rollout_batch(
-        tokens=batch_np["tokens"],
-        prompt_mask=batch_np["prompt_mask"],
-        completion_mask=batch_np["completion_mask"],
-        old_logprobs=batch_np["logprobs"],
-        advantages=advantages,
-        group_ids=group_ids,
-    )
-    grouped = raw_rewards.reshape(m_target, g)
-    info = {
-        "reward/mean": float(raw_rewards.mean()),
-        "reward/std": float(raw_rewards.std()),
-        "reward/zero_std_group_fraction": float(np.mean(grouped.max(1) == grouped.min(1))),
-        "completion/length_mean": float(batch_np["lengths"].mean()),
-        "completion/truncated_fraction": float(batch_np["truncated"].mean()),
-        **sampling_info,
-    }
-    return batch, info
-
-
-def _left_pad(a: np.ndarray, width: int, value: int = 0) -> np.ndarray:
-    pad = width - a.shape[1]
-    return np.pad(a, ((0, 0), (pad, 0)), constant_values=value) if pad else a
-
-
-def _stack_groups(groups: list[dict[str, Any]], pad_id: int) -> dict[str, np.ndarray]:
-    """Stack groups into one batch. Groups from different sampling tries may have
-    different prompt buckets: left-pad the shorter prompts so every row is [P_max | L]."""
-    p_max = max(grp["prompt_mask"].shape[1] for grp in groups)
-    out: dict[str, list[np.ndarray]] = {k: [] for k in groups[0]}
-    for grp in groups:
-        p = grp["prompt_mask"].shape[1]
-        prompt = _left_pad(grp["tokens"][:, :p], p_max, pad_id)
-        out["tokens"].append(np.concatenate([prompt, grp["tokens"][:, p:]], axis=1))
-        out["prompt_mask"].append(_left_pad(grp["prompt_mask"], p_max, 0).astype(bool))
-        for k in grp:
-            if k not in ("tokens", "prompt_mask"):
-                out[k].append(grp[k])
-    return {k: np.concatenate(v, axis=0) for k, v in out.items()}
+    return collect_rollouts(model, examples=examples(), **kwargs)
 
 
 class TrainingHalted(RuntimeError):
@@ -321,6 +187,19 @@ def prepare(cfg: TrainConfig) -> tuple[Run, nnx.Module, optax.GradientTransforma
             f"warmup.batch_size={cfg.warmup.batch_size} is not a multiple of the mesh's "
             f"data x fsdp = {shards} devices; choose a multiple of {shards}."
         )
+    nproc = sharding.process_batch_factor(mesh)
+    if nproc > 1:
+        if cfg.dynamic_sampling:
+            raise ValueError(
+                f"dynamic_sampling=true runs in one process so far ({jax.process_count()} "
+                "processes were started); set dynamic_sampling=false for a multi-process run."
+            )
+        if n % (nproc * cfg.num_generations):
+            raise ValueError(
+                f"prompts_per_step={cfg.prompts_per_step} does not split over the "
+                f"{nproc} processes holding batch rows (each keeps whole groups of "
+                f"num_generations rollouts); choose a multiple of {nproc}."
+            )
     policy = build_policy(cfg, tokenizer, mesh)
     eval_examples = task.sample_prompts(
         np.random.default_rng(cfg.seed + 1_000_003), cfg.eval_prompts
@@ -380,18 +259,22 @@ def train(
       resume: continue the run in ``output_dir`` from its newest checkpoint that
         restores (a damaged newer one is moved to ``corrupt_checkpoints/``).
       overwrite: a fresh run may replace an existing run in ``output_dir``.
+      progress: show a tqdm bar (process 0 only).
 
     Everything is checked (config, run directory, checkpoint vs model) before a file
     is written. Raises ``ValueError`` for a bad config or run directory,
     :class:`~jaxrl_geom.checkpoints.CheckpointError` when a checkpoint cannot be
     saved, :class:`TrainingHalted` after ``max_consecutive_skips`` skipped steps.
+
+    In a multi-process run every process calls this with the same config; each works on
+    its own rows of the same example stream, all take part in checkpoint saves and
+    restores, and only process 0 writes config.json, metrics, plots and summary.json.
+    ``output_dir`` must be one shared directory (NFS, GCS fuse, or one host's disk for
+    local processes): every process checks it, and orbax writes into it from all.
     """
     out_dir = Path(os.path.abspath(cfg.output_dir))
-    if resume:
-        if not (out_dir / "config.json").is_file():
-            raise ValueError(f"--resume {out_dir}: not a run directory (no config.json).")
-    else:
-        check_output_dir(out_dir, overwrite=overwrite)
+    main = distributed.is_main_process()
+    check_run_dir(out_dir, resume=resume, overwrite=overwrite)
     run, policy, tx, estimator = prepare(cfg)
     rng = np.random.default_rng(cfg.seed)
     key = jax.random.key(cfg.seed)
@@ -406,7 +289,8 @@ def train(
     if resume:
         state = TrainState.create(sft_state.model(), tx)
         keep_ref = state.params if grpo_cfg.beta > 0 else None
-        grpo_round, restored, meta = restore_run(out_dir, cfg, _ckpt_arrays(state, key, keep_ref))
+        target = _ckpt_arrays(state, key, keep_ref, run.mesh)
+        grpo_round, restored, meta = restore_run(out_dir, cfg, target, move_damaged=main)
         state = state.replace(
             params=restored["params"], opt_state=restored["opt_state"], step=restored["step"]
         )
@@ -415,32 +299,47 @@ def train(
         rng.bit_generator.state = meta["rng_state"]
         skipped_total = int(meta.get("skipped_steps", 0))
         phase = "grpo"
-    elif overwrite:
-        clear_run_dir(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    saved = dataclasses.replace(cfg, output_dir=str(out_dir))
-    if cfg.model.path:  # absolute, so the run resumes from any working directory
-        model = dataclasses.replace(cfg.model, path=os.path.abspath(cfg.model.path))
-        saved = dataclasses.replace(saved, model=model)
-    write_json(out_dir / "config.json", to_dict(saved))
+    if main:
+        if overwrite and not resume:
+            clear_run_dir(out_dir)
+        write_run_config(out_dir, cfg)
+    distributed.barrier("jaxrl_geom.train: run directory ready")
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=cfg.checkpoints_to_keep)
-    writer = metrics_lib.MetricsWriter(out_dir, resume_step=grpo_round if resume else None)
+    writer = None
+    if main:
+        writer = metrics_lib.MetricsWriter(out_dir, resume_step=grpo_round if resume else None)
+
+    def log(step: int, row: dict[str, Any]) -> dict[str, float]:
+        return writer.write(step, row) if writer else metrics_lib.to_scalars(row)
 
     total = (cfg.warmup.steps if phase == "warmup" else 0) + cfg.steps - grpo_round
-    pbar = tqdm(total=total, disable=not progress, desc="train", dynamic_ncols=True)
+    pbar = tqdm(total=total, disable=not (progress and main), desc="train", dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
         if phase == "warmup":
             start = evaluate(sft_state, run)
             history["eval_start"] = start
-            writer.write(0, {"eval/reward_mean": start["eval/reward_mean"], "phase/warmup": 1.0})
-            sft_state = warmup(sft_state, run, rng, pbar)
+            log(0, {"eval/reward_mean": start["eval/reward_mean"], "phase/warmup": 1.0})
+            w = cfg.warmup
+            batches = (
+                sample_examples(run.task, rng=rng, n=w.batch_size, exclude=run.eval_prompts)
+                for _ in range(w.steps)
+            )
+            sft_state, _ = warmup_steps(
+                sft_state,
+                batches=batches,
+                task=run.task,
+                tokenizer=run.tokenizer,
+                max_new_tokens=cfg.sampling.max_new_tokens,
+                mesh=run.mesh,
+                progress=pbar,
+            )
             state = TrainState.create(sft_state.model(), tx)
             # The frozen reference of the KL term is the policy GRPO starts from.
             if grpo_cfg.beta > 0:
                 reference_params = jax.tree.map(jnp.copy, state.params)
             after_warmup = evaluate(state, run)
-            writer.write(0, after_warmup)
+            log(0, after_warmup)
         else:
             after_warmup = evaluate(state, run)  # logged at its round already
         history["eval_after_warmup"] = after_warmup
@@ -448,12 +347,12 @@ def train(
         consecutive, first_round = 0, grpo_round + 1
         for grpo_round in range(first_round, cfg.steps + 1):
             key, sub = jax.random.split(key)
-            batch, info = collect_rollouts(state, run, rng, sub)
+            ro = _rollouts(state, run, rng, sub)
+            batch = ro.batch
             if grpo_cfg.beta > 0:
                 batch = batch._replace(
                     ref_logprobs=policy_logprobs(*reference, batch, grpo_cfg.temperature)
                 )
-            batch = sharding.shard_batch(batch, run.mesh)
             for _ in range(cfg.num_iterations):
                 state, step_metrics = grpo_step(state, batch, grpo_cfg, estimator)
                 skipped = bool(float(step_metrics.get("skipped", 0.0)))
@@ -467,10 +366,10 @@ def train(
                         "last good step. Lower optim.learning_rate, check the task's rewards, "
                         "then --resume from the last checkpoint."
                     )
-            row = {**info, **jax.device_get(step_metrics), "skipped_steps": skipped_total}
+            row = {**ro.metrics, **host_values(step_metrics), "skipped_steps": skipped_total}
             if grpo_round % cfg.eval_every == 0 or grpo_round == cfg.steps:
                 row.update(evaluate(state, run))
-            scalars = writer.write(grpo_round, row)
+            scalars = log(grpo_round, row)
             pbar.update(1)
             pbar.set_postfix(reward=f"{scalars['reward/mean']:.2f}", loss=f"{scalars['loss']:.3f}")
             if grpo_round % cfg.checkpoint_every == 0 or grpo_round == cfg.steps:
@@ -479,30 +378,37 @@ def train(
                     "rng_state": rng.bit_generator.state,
                     "skipped_steps": skipped_total,
                 }
-                ckpt.save(grpo_round, _ckpt_arrays(state, key, reference_params), meta)
+                arrays = _ckpt_arrays(state, key, reference_params, run.mesh)
+                ckpt.save(grpo_round, arrays, meta)
         ckpt.wait()
     finally:
         pbar.close()
-        writer.close()
+        if writer:
+            writer.close()
         ckpt.close()
     final = evaluate(state, run)
     history["eval_final"] = final
     history["wall_seconds"] = time.perf_counter() - t0
     history["skipped_steps"] = skipped_total
-    records = metrics_lib.read_jsonl(out_dir / "metrics.jsonl")
-    metrics_lib.plot_reward_curve(records, out_dir / "reward_curve.png", title=cfg.task.name)
-    write_json(out_dir / "summary.json", history)
+    if main:
+        records = metrics_lib.read_jsonl(out_dir / "metrics.jsonl")
+        metrics_lib.plot_reward_curve(records, out_dir / "reward_curve.png", title=cfg.task.name)
+        write_json(out_dir / "summary.json", history)
     return {"state": state, **history}
 
 
-def _ckpt_arrays(state: TrainState, key: jax.Array, reference: nnx.State | None) -> dict[str, Any]:
+def _ckpt_arrays(
+    state: TrainState, key: jax.Array, reference: nnx.State | None, mesh: jax.sharding.Mesh
+) -> dict[str, Any]:
     """The arrays a GRPO checkpoint holds; the KL reference too when there is one
-    (beta > 0), so ``--resume`` keeps the same reference policy."""
+    (beta > 0), so ``--resume`` keeps the same reference policy. The PRNG key is stored
+    replicated on the mesh (a global array, so every process can save and restore it)."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     arrays = {
         "params": state.params,
         "opt_state": state.opt_state,
         "step": state.step,
-        "key": jax.random.key_data(key),
+        "key": sharding.put_global(jax.random.key_data(key), replicated),
     }
     if reference is not None:
         arrays["reference"] = reference
@@ -519,14 +425,15 @@ def _salt_estimator(cfg: TrainConfig) -> Any:
     return salt_estimator(SaltConfig(**fields))
 
 
-def load_policy(run_dir: str | Path) -> tuple[nnx.Module, TrainConfig]:
-    """Rebuild the policy of a finished or interrupted run from its newest checkpoint
-    that restores (a damaged newer one is skipped with a warning)."""
-    policy, run = load_run(run_dir)
+def load_policy(run_dir: str | Path, *, step: int | None = None) -> tuple[nnx.Module, TrainConfig]:
+    """Rebuild the policy of a finished or interrupted run from its checkpoint of GRPO
+    round ``step``, by default the newest that restores (a damaged newer one is skipped
+    with a warning)."""
+    policy, run = load_run(run_dir, step=step)
     return policy, run.cfg
 
 
-def load_run(run_dir: str | Path) -> tuple[nnx.Module, Run]:
+def load_run(run_dir: str | Path, *, step: int | None = None) -> tuple[nnx.Module, Run]:
     """:func:`load_policy` plus the :class:`Run` (tokenizer, task, mesh) of its config."""
     from jaxrl_geom.config import load_run_config
 
@@ -549,9 +456,11 @@ def load_run(run_dir: str | Path) -> tuple[nnx.Module, Run]:
                 file=sys.stderr,
             )
 
-        _, restored, _ = ckpt.restore_latest(
-            _ckpt_arrays(state, jax.random.key(0), reference), on_skip=warn
-        )
+        target = _ckpt_arrays(state, jax.random.key(0), reference, run.mesh)
+        if step is None:
+            _, restored, _ = ckpt.restore_latest(target, on_skip=warn)
+        else:
+            restored, _ = ckpt.restore(target, step)
     finally:
         ckpt.close()
     return state.replace(params=restored["params"]).model(), run

@@ -22,7 +22,9 @@ from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrl_geom import final_update
 from jaxrl_geom.longact import mask as mask_lib
@@ -229,7 +231,9 @@ def longact(
         hd = layout_head_dim(shapes)
         for t, (_, c) in shapes.items():  # validate the head layout eagerly
             mask_lib.selection_groups(c, heads[t], hd, scope, granularity)
-        masks = {t: jnp.ones(s, bool) for t, s in shapes.items()}
+        masks = _like_kernel_columns(
+            params, pattern, {t: np.ones(s, bool) for t, s in shapes.items()}
+        )
         ones = {t: jnp.ones(s[:1], jnp.float32) for t, s in shapes.items()}
         return LongActState(
             count=jnp.zeros((), jnp.int32),
@@ -409,6 +413,25 @@ def _match(pattern: re.Pattern, path: tuple[Any, ...]) -> tuple[int | None, str,
         return None
     layer = m.groupdict().get("layer")
     return (None if layer is None else int(layer)), m.group("target"), m.group("kind")
+
+
+def _like_kernel_columns(params: Any, pattern: re.Pattern, arrays: dict[str, Any]) -> dict:
+    """Put each ``[L, C]`` array on the sharding of its kernels' output axis (replicated
+    over L), which is where a jitted step's refresh leaves the masks: starting them
+    replicated would compile the step twice. Concrete ``NamedSharding`` params only."""
+    out = {t: jnp.asarray(a) for t, a in arrays.items()}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        hit = _match(pattern, path)
+        sharding = getattr(leaf, "sharding", None)
+        if hit is None or hit[1] not in arrays or hit[2] != "kernel":
+            continue
+        if isinstance(leaf, jax.core.Tracer) or not isinstance(sharding, NamedSharding):
+            continue
+        spec = (*sharding.spec, None, None)[: jnp.ndim(leaf)]
+        placed = NamedSharding(sharding.mesh, PartitionSpec(None, spec[-1]))
+        host = np.asarray(arrays[hit[1]])
+        out[hit[1]] = jax.make_array_from_callback(host.shape, placed, lambda i, h=host: h[i])
+    return out
 
 
 def _attention_layout(

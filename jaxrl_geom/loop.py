@@ -1,0 +1,251 @@
+"""The training loop's parts as public functions, for ``train.py`` and for notebooks.
+
+A loop written by hand (one process or many; every process runs the same code)::
+
+    rng = np.random.default_rng(0)
+    sft = TrainState.create(model, optax.adamw(1e-3))
+    batches = (sample_examples(task, rng=rng, n=8) for _ in range(50))
+    sft, _ = warmup_steps(sft, batches=batches, task=task, tokenizer=tok, max_new_tokens=8)
+    state = TrainState.create(sft.model(), my_optax_chain)
+    for r in range(rounds):
+        ro = collect_rollouts((state.graphdef, state.params, state.rest),
+                              examples=sample_examples(task, rng=rng, n=16), tokenizer=tok,
+                              reward_fn=my_reward, key=jax.random.key(r), num_generations=8,
+                              max_new_tokens=8, method=Sample(temperature=1.0))
+        state, metrics = grpo_step(state, ro.batch, GrpoConfig())
+    print(evaluate_rewards(state.model(), examples=held_out, tokenizer=tok,
+                           reward_fn=task.reward, max_new_tokens=8))
+
+:func:`~jaxrl_geom.rollout.collect_rollouts`, :func:`~jaxrl_geom.rollout.evaluate_rewards`
+and :func:`~jaxrl_geom.rl.step.grpo_step` are re-exported here. The example stream
+(:func:`sample_examples`) is the same in every process; each process works on its own
+rows of it, so results do not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from jaxrl_geom import sharding
+from jaxrl_geom.rl import advantages as adv_lib
+from jaxrl_geom.rl import dapo
+from jaxrl_geom.rl.rollouts import make_rollout_batch
+from jaxrl_geom.rl.step import TrainState, grpo_step
+from jaxrl_geom.rollout import Rollouts, collect_rollouts, encode_prompts, evaluate_rewards
+from jaxrl_geom.warmup import demonstration_batch, sft_step
+
+__all__ = [
+    "collect_rollouts",
+    "collect_rollouts_dynamic",
+    "evaluate_rewards",
+    "grpo_step",
+    "host_values",
+    "sample_examples",
+    "warmup_steps",
+]
+
+
+def sample_examples(
+    task: Any, *, rng: np.random.Generator, n: int, exclude: Collection[str] = ()
+) -> list[Any]:
+    """``n`` training examples of ``task`` drawn with ``rng``, none whose prompt is in
+    ``exclude`` (e.g. the held-out evaluation prompts)."""
+    out: list[Any] = []
+    while len(out) < n:
+        out.extend(e for e in task.sample_prompts(rng, n) if e.prompt not in exclude)
+    return out[:n]
+
+
+def host_values(tree: Any) -> Any:
+    """A pytree of device values (e.g. ``grpo_step``'s metrics) as NumPy in every process;
+    arrays spanning several processes are gathered (a collective: call it everywhere)."""
+
+    def get(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, tree)
+
+
+def warmup_steps(
+    state: TrainState,
+    *,
+    batches: Iterable[Sequence[Any]],
+    task: Any,
+    tokenizer: Any,
+    max_new_tokens: int,
+    mesh: Mesh | None = None,
+    progress: bool | Any = False,
+) -> tuple[TrainState, dict[str, float]]:
+    """Supervised steps on ``task.demonstration`` of each batch of examples (+ EOS).
+
+    Each batch is the global list of B examples (the same in every process); a process
+    encodes and places only its own rows of it. Returns the state and the last step's
+    metrics (``sft/loss``, ``sft/grad_norm``). ``progress``: ``True`` for a tqdm bar,
+    or a tqdm-like object to ``update``.
+    """
+    bar = tqdm(desc="warm-up", disable=False) if progress is True else progress or None
+    metrics: dict[str, float] = {}
+    for examples in batches:
+        ptok, pmask = encode_prompts(tokenizer, [e.prompt for e in examples])  # global bucket
+        rows = sharding.process_rows(len(examples), mesh)
+        comps = [
+            tokenizer.encode(task.demonstration(e), add_bos=False) + [tokenizer.eos_id]
+            for e in examples[rows]
+        ]
+        batch = demonstration_batch(
+            ptok[rows], pmask[rows], comps, max_new_tokens, tokenizer.pad_id
+        )
+        if mesh is not None:
+            batch = sharding.shard_batch(batch, mesh)
+        state, m = sft_step(state, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(m).items()}
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(sft_loss=f"{metrics['sft/loss']:.3f}")
+    if progress is True:
+        bar.close()
+    return state, metrics
+
+
+def collect_rollouts_dynamic(
+    model: Any,
+    *,
+    next_examples: Callable[[], Sequence[Any]],
+    max_tries: int,
+    key: jax.Array,
+    num_generations: int,
+    max_new_tokens: int,
+    scale_rewards: str = "group",
+    overlong_buffer: int = 0,
+    overlong_penalty: float = 1.0,
+    mesh: Mesh | None = None,
+    **kwargs: Any,
+) -> Rollouts:
+    """DAPO dynamic sampling: :func:`collect_rollouts` on ``next_examples()`` up to
+    ``max_tries`` times, keeping groups whose rewards differ (:func:`dapo.fill_batch`,
+    topped up with all-equal groups if the tries run out). One process only.
+
+    ``kwargs`` go to :func:`collect_rollouts` (``tokenizer``, ``reward_fn``, ``method``).
+    Advantages are recomputed over the kept groups; ``metrics`` gain
+    ``dynamic_sampling/*``.
+
+    Raises:
+      ValueError: in a multi-process run (groups would have to move between processes).
+    """
+    if jax.process_count() > 1:
+        raise ValueError(
+            f"dynamic_sampling=true runs in one process so far ({jax.process_count()} were "
+            "started): set dynamic_sampling=false for a multi-process run."
+        )
+    g = int(num_generations)
+    tries = iter(range(max_tries))
+
+    def sample(_missing: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+        ro = collect_rollouts(
+            model,
+            examples=next_examples(),
+            key=jax.random.fold_in(key, next(tries)),
+            num_generations=g,
+            max_new_tokens=max_new_tokens,
+            mesh=mesh,
+            **kwargs,
+        )
+        b = jax.device_get(ro.batch)
+        p = b.tokens.shape[1] - b.completion_mask.shape[1]
+        rows = {
+            "tokens": b.tokens,
+            "prompt_mask": b.attention_mask[:, :p],
+            "completion_mask": b.completion_mask,
+            "logprobs": b.old_logprobs,
+            "lengths": ro.lengths,
+            "truncated": ro.truncated,
+            "rewards": ro.rewards,
+        }
+        m = len(ro.rewards) // g
+        groups = [{k: v[j * g : (j + 1) * g] for k, v in rows.items()} for j in range(m)]
+        return groups, ro.rewards.reshape(m, g)
+
+    first, first_rewards = sample(0)  # M groups per try (one sampler compile)
+    m = len(first)
+    pending = iter([(first, first_rewards)])
+
+    def sample_fn(missing: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+        return next(pending, None) or sample(missing)
+
+    filled = dapo.fill_batch(sample_fn, m, max_tries, on_short="pad")
+    b = _stack_groups(list(filled.groups), kwargs["tokenizer"].pad_id)
+    raw = b["rewards"].astype(np.float32)
+    rewards = raw
+    if overlong_buffer > 0:
+        penalty = dapo.soft_overlong_punishment(
+            jnp.asarray(b["lengths"]), max_new_tokens, overlong_buffer, overlong_penalty
+        )
+        rewards = raw + np.asarray(penalty, np.float32)
+    group_ids = np.repeat(np.arange(m, dtype=np.int32), g)
+    adv = np.asarray(
+        adv_lib.group_advantages(
+            jnp.asarray(rewards), jnp.asarray(group_ids), scale=scale_rewards, num_groups=m
+        )
+    )
+    batch = make_rollout_batch(
+        tokens=b["tokens"],
+        prompt_mask=b["prompt_mask"],
+        completion_mask=b["completion_mask"],
+        old_logprobs=b["logprobs"],
+        advantages=adv,
+        group_ids=group_ids,
+    )
+    if mesh is not None:
+        batch = sharding.shard_batch(batch, mesh)
+    grouped = raw.reshape(m, g)
+    metrics = {
+        "reward/mean": float(raw.mean()),
+        "reward/std": float(raw.std()),
+        "reward/zero_std_group_fraction": float(np.mean(grouped.max(1) == grouped.min(1))),
+        "completion/length_mean": float(b["lengths"].mean()),
+        "completion/truncated_fraction": float(b["truncated"].mean()),
+        **filled.metrics,
+    }
+    tok, comp = kwargs["tokenizer"], b["tokens"][:, -b["completion_mask"].shape[1] :]
+    texts = [tok.decode(r[: int(n)].tolist()) for r, n in zip(comp, b["lengths"], strict=True)]
+    return Rollouts(
+        batch=batch,
+        rows=slice(0, m * g),
+        completions=texts,
+        rewards=raw,
+        advantages=adv.astype(np.float32),
+        lengths=b["lengths"],
+        truncated=b["truncated"],
+        metrics=metrics,
+    )
+
+
+def _left_pad(a: np.ndarray, width: int, value: int = 0) -> np.ndarray:
+    pad = width - a.shape[1]
+    return np.pad(a, ((0, 0), (pad, 0)), constant_values=value) if pad else a
+
+
+def _stack_groups(groups: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, np.ndarray]:
+    """Stack groups into one batch. Groups from different sampling tries may have
+    different prompt buckets: left-pad the shorter prompts so every row is [P_max | L]."""
+    p_max = max(grp["prompt_mask"].shape[1] for grp in groups)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in groups[0]}
+    for grp in groups:
+        p = grp["prompt_mask"].shape[1]
+        prompt = _left_pad(grp["tokens"][:, :p], p_max, pad_id)
+        out["tokens"].append(np.concatenate([prompt, grp["tokens"][:, p:]], axis=1))
+        out["prompt_mask"].append(_left_pad(grp["prompt_mask"], p_max, 0).astype(bool))
+        for k in grp:
+            if k not in ("tokens", "prompt_mask"):
+                out[k].append(grp[k])
+    return {k: np.concatenate(v, axis=0) for k, v in out.items()}

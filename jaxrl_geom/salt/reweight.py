@@ -120,7 +120,6 @@ class SaltKnobs:
             energy=self.energy,
             max_rank=self.max_rank,
             renorm=self.renorm,
-            num_groups=None,
             eps=self.eps,
         )
         if not isinstance(self.recenter, bool):
@@ -159,7 +158,6 @@ def check_knobs(
     energy: float | None,
     max_rank: int | None,
     renorm: str,
-    num_groups: int | None,
     eps: float,
 ) -> None:
     """Validate SALT hyper-parameters eagerly (shared by ``reweight`` and ``salt``)."""
@@ -189,13 +187,17 @@ def check_knobs(
         raise ValueError(f"max_rank must be an int >= 0 or None; got {max_rank!r}.")
     if renorm not in RENORM_MODES:
         raise ValueError(f"renorm must be one of {RENORM_MODES}; got {renorm!r}.")
+    if not (np.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0; got {eps!r}.")
+
+
+def check_num_groups(num_groups: int | None) -> None:
+    """Validate the static group count of ``reweight`` and ``salt`` eagerly."""
     if num_groups is not None and not (_is_int(num_groups) and num_groups >= 1):
         raise ValueError(
             f"num_groups must be an int >= 1 or None; got {num_groups!r}. Pass the "
             "number of prompts M (group ids in [0, M)), or None to infer groups."
         )
-    if not (np.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0; got {eps!r}.")
 
 
 def resolve_knobs(knobs: SaltKnobs | _Knobs | None, overrides: dict) -> SaltKnobs | _Knobs:
@@ -476,16 +478,7 @@ def reweight(
       Make Them Matter", arXiv 2606.05800 (abstract only; the formulas are SPEC's).
     """
     knobs = resolve_knobs(knobs, knob_overrides)
-    check_knobs(  # num_groups only; the knobs were checked by SaltKnobs
-        gamma_max=1.0,
-        power=1.0,
-        rank=None,
-        energy=None,
-        max_rank=None,
-        renorm="none",
-        num_groups=num_groups,
-        eps=0.0,
-    )
+    check_num_groups(num_groups)  # the knobs were checked by SaltKnobs
     gram = jnp.asarray(gram)
     coefficients = jnp.asarray(coefficients)
     if coefficients.ndim != 1 or coefficients.shape[0] < 1:

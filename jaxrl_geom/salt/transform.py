@@ -12,7 +12,7 @@ from jaxrl_geom.salt.gram import Scope, check_scope, gram_from_features
 from jaxrl_geom.salt.reweight import (
     SaltDiagnostics,
     SaltKnobs,
-    check_knobs,
+    check_num_groups,
     neutral_diagnostics,
     resolve_knobs,
     reweight,
@@ -95,16 +95,7 @@ def salt(
       SALT, arXiv 2606.05800 (abstract only; the formalization is SPEC section 2).
     """
     knobs = resolve_knobs(knobs, knob_overrides)
-    check_knobs(  # num_groups only; the knobs were checked by SaltKnobs
-        gamma_max=1.0,
-        power=1.0,
-        rank=None,
-        energy=None,
-        max_rank=None,
-        renorm="none",
-        num_groups=num_groups,
-        eps=0.0,
-    )
+    check_num_groups(num_groups)  # the knobs were checked by SaltKnobs
     check_scope(scope)
 
     def init_fn(params: Any) -> SaltState:

@@ -486,3 +486,20 @@ def test_bad_configuration_is_a_clear_error():
     state = TrainState.create(initial_model(TINY), tx)
     with pytest.raises(ValueError, match=r"GrpoConfig\(capture_activations=True\)"):
         grpo_step(state, make_batch(0), GrpoConfig())
+
+
+def test_longact_inside_multisteps_receives_activation_stats():
+    """optax.MultiSteps forwards extra arguments; TrainState.create keeps them (a plain
+    with_extra_args_support wrapper would drop activation_stats= and fail the step)."""
+    inner = optax.chain(optax.adamw(1e-2), longact(keep_ratio=KEEP))
+    state = TrainState.create(initial_model(QWEN2), optax.MultiSteps(inner, every_k_schedule=2))
+    start = host_copy(nnx.to_pure_dict(state.params))
+    state, _ = grpo_step(state, make_batch(0), CAPTURE)  # accumulates: nothing applied
+    first = host_copy(nnx.to_pure_dict(state.params))
+    state, _ = grpo_step(state, make_batch(1), CAPTURE)  # applies the masked AdamW update
+    after = host_copy(nnx.to_pure_dict(state.params))
+    assert np.array_equal(bits(proj(start, 0, "q")["kernel"]), bits(proj(first, 0, "q")["kernel"]))
+    kept = math.ceil(KEEP * HEADS["q"] * HD)
+    for i in range(NL):
+        moved = np.any(proj(first, i, "q")["kernel"] != proj(after, i, "q")["kernel"], axis=0)
+        assert 0 < moved.sum() <= kept  # only the selected W_Q columns move

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -121,8 +122,7 @@ class TrainState(struct.PyTreeNode):
             (``longact``) somewhere else than last (:mod:`jaxrl_geom.final_update`).
         """
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        if not isinstance(tx, optax.GradientTransformationExtraArgs):
-            tx = optax.with_extra_args_support(tx)
+        tx = _with_extra_args(tx)
         final_update.check_placement(jax.eval_shape(tx.init, params))  # before allocating
         state = cls(
             graphdef=graphdef,
@@ -141,6 +141,24 @@ class TrainState(struct.PyTreeNode):
     def model(self) -> nnx.Module:
         """The policy as an NNX module (a fresh object sharing these arrays)."""
         return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def _with_extra_args(tx: Any) -> optax.GradientTransformationExtraArgs:
+    """``tx`` as an ExtraArgs transform that forwards ``coefficients=`` etc. where it can.
+
+    ``optax.with_extra_args_support`` drops the extra arguments of any plain
+    ``GradientTransformation``, also of those whose ``update`` takes ``**extra_args``
+    and forwards them (``optax.MultiSteps``): a LongAct link inside would never see
+    ``activation_stats=``. Such an ``update`` is kept as it is.
+    """
+    if isinstance(tx, optax.GradientTransformationExtraArgs):
+        return tx
+    if isinstance(tx, optax.MultiSteps):
+        tx = tx.gradient_transformation()
+    kinds = (p.kind for p in inspect.signature(tx.update).parameters.values())
+    if inspect.Parameter.VAR_KEYWORD in kinds:
+        return optax.GradientTransformationExtraArgs(tx.init, tx.update)
+    return optax.with_extra_args_support(tx)
 
 
 def validate_batch(batch: RolloutBatch, config: GrpoConfig) -> None:

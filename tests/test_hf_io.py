@@ -221,3 +221,35 @@ def test_loading_places_params_on_a_mesh(tmp_path):
     assert_bits_equal(
         kernel, params_of(load_pretrained(tmp_path))[("layers", 0, "mlp", "gate_proj", "kernel")]
     )
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_mesh_loading_reads_only_shard_regions(tmp_path, monkeypatch, scan_layers):
+    """With a mesh, every read is one device shard's region of a tensor (safetensors
+    slices), never the whole tensor of a sharded parameter: a process reads only what it
+    holds, so a model larger than one host's memory loads."""
+    from jaxrl_geom.models import hf_io
+    from jaxrl_geom.sharding import make_mesh
+
+    save_pretrained(random_decoder(ModelConfig.from_hf(hf_config("qwen2"))), tmp_path)
+    reads: dict[str, list[tuple[int, ...]]] = {}
+    real = hf_io._read_slice
+
+    def spy(handles, file, name, transpose, index, dtype):
+        part = real(handles, file, name, transpose, index, dtype)
+        reads.setdefault(name, []).append(part.shape)
+        return part
+
+    monkeypatch.setattr(hf_io, "_read_slice", spy)
+    mesh = make_mesh(data=1, fsdp=4, tensor=2)
+    model = load_pretrained(tmp_path, mesh=mesh, scan_layers=scan_layers)
+    name = "model.layers.0.mlp.gate_proj.weight"  # ours [D, F] = [32, 64] over (fsdp, tensor)
+    assert set(reads[name]) == {(32 // 4, 64 // 2)}
+    assert len(reads[name]) == 8  # one region per device
+    want = params_of(load_pretrained(tmp_path))
+    got = params_of(model)
+    if scan_layers:
+        got = {("layers", 0, *k[1:]): v[0] for k, v in got.items() if k[0] == "layers"}
+        want = {k: v for k, v in want.items() if k[:2] == ("layers", 0)}
+    for key, value in want.items():
+        assert_bits_equal(got[key], value)

@@ -13,6 +13,7 @@ reads each tensor on the host and ``device_put``s it straight to its sharding.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from pathlib import Path
@@ -133,8 +134,8 @@ def load_pretrained(
         else None
     )
 
-    loaded: dict[PathParts, nnx.Variable] = {}
-    stacks: dict[PathParts, np.ndarray] = {}  # scanned layout: host buffers [L, ...]
+    # Pass 1, metadata only: which file holds each tensor, and do the shapes fit?
+    sources: dict[PathParts, dict[int | None, tuple[Path, str, bool]]] = {}
     found: set[str] = set()
     unexpected: list[str] = []
     for file in files:
@@ -146,21 +147,16 @@ def load_pretrained(
                         unexpected.append(name)
                     continue
                 variable = flat[spec.path]
-                array = _read_tensor(f, name, file)
-                array = array.T if spec.transpose else array
+                shape = tuple(f.get_slice(name).get_shape())
+                shape = shape[::-1] if spec.transpose else shape
                 want = variable.shape if spec.layer is None else variable.shape[1:]
-                if array.shape != want:
+                if shape != want:
                     raise ValueError(
-                        f"{name}: checkpoint shape {array.shape} (after transpose={spec.transpose})"
+                        f"{name}: checkpoint shape {shape} (after transpose={spec.transpose})"
                         f" != model shape {want}; config.json does not match the weights."
                     )
                 found.add(name)
-                if spec.layer is not None:  # stack on the host, place once complete
-                    if spec.path not in stacks:
-                        stacks[spec.path] = np.empty(variable.shape, variable.dtype)
-                    stacks[spec.path][spec.layer] = array
-                    continue
-                loaded[spec.path] = _place(variable, array, shardings, spec.path)
+                sources.setdefault(spec.path, {})[spec.layer] = (file, name, spec.transpose)
     missing = sorted(n for n in mapping if n not in found)
     if missing or unexpected:
         raise ValueError(
@@ -169,9 +165,62 @@ def load_pretrained(
             f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. Check that config.json "
             "belongs to these weights."
         )
-    for path, array in stacks.items():
-        loaded[path] = _place(flat[path], array, shardings, path)
+    # Pass 2: each variable from the regions its (addressable) shards need.
+    loaded: dict[PathParts, nnx.Variable] = {}
+    with contextlib.ExitStack() as stack:
+        handles = {file: stack.enter_context(_safetensors(file)) for file in files}
+        for path, layers in sources.items():
+            variable = flat[path]
+            read = functools.partial(_read_region, handles, layers, variable.dtype)
+            target = shardings[path].get_value() if shardings else None
+            if target is None:
+                value = jnp.asarray(read((slice(None),) * variable.ndim))
+            else:  # only the shards this process holds are read (safetensors slices)
+                value = jax.make_array_from_callback(variable.shape, target, read)
+            loaded[path] = variable.replace(value)
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def _read_region(
+    handles: dict[Path, Any],
+    layers: dict[int | None, tuple[Path, str, bool]],
+    dtype: Any,
+    index: tuple[slice, ...],
+) -> np.ndarray:
+    """``variable[index]`` read from the checkpoint: one tensor, or rows of the stacked
+    ``[L, ...]`` layout (one HF tensor per layer), transposed and cast as the model wants."""
+    if None in layers:
+        return _read_slice(handles, *layers[None], index, dtype)
+    rows = range(len(layers))[index[0]]
+    return np.stack([_read_slice(handles, *layers[i], index[1:], dtype) for i in rows])
+
+
+def _read_slice(
+    handles: dict[Path, Any],
+    file: Path,
+    name: str,
+    transpose: bool,
+    index: tuple[slice, ...],
+    dtype: Any,
+) -> np.ndarray:
+    """A region of one tensor (``index`` in the model's orientation); non-finite values are
+    an error naming the tensor and the file."""
+    try:
+        part = handles[file].get_slice(name)[tuple(index[::-1] if transpose else index)]
+    except Exception as err:
+        raise ValueError(
+            f"{file}: tensor {name} cannot be read ({' '.join(str(err).split())[:200]}); the "
+            "file is truncated: save or copy it again."
+        ) from None
+    part = np.asarray(part)
+    if jnp.issubdtype(part.dtype, jnp.inexact):
+        bad = int(np.size(part) - np.count_nonzero(np.isfinite(part.astype(np.float32))))
+        if bad:
+            raise ValueError(
+                f"{file}: tensor {name} holds {bad} non-finite values (NaN/inf); the "
+                "checkpoint is damaged: load an earlier or the original checkpoint."
+            )
+    return np.ascontiguousarray((part.T if transpose else part).astype(dtype))
 
 
 @contextlib.contextmanager
@@ -186,38 +235,6 @@ def _safetensors(file: Path) -> Any:
         ) from None
     with handle as f:
         yield f
-
-
-def _read_tensor(f: Any, name: str, file: Path) -> np.ndarray:
-    """One tensor; non-finite values are an error naming the tensor and the file."""
-    try:
-        array = f.get_tensor(name)
-    except Exception as err:
-        raise ValueError(
-            f"{file}: tensor {name} cannot be read ({' '.join(str(err).split())[:200]}); the "
-            "file is truncated: save or copy it again."
-        ) from None
-    if jnp.issubdtype(array.dtype, jnp.inexact):
-        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array.astype(np.float32))))
-        if bad:
-            raise ValueError(
-                f"{file}: tensor {name} holds {bad} non-finite values (NaN/inf); the "
-                "checkpoint is damaged: load an earlier or the original checkpoint."
-            )
-    return array
-
-
-def _place(
-    variable: nnx.Variable, array: np.ndarray, shardings: dict | None, path: PathParts
-) -> nnx.Variable:
-    """``variable`` holding ``array`` (cast), on its sharding when one is given."""
-    from jaxrl_geom import sharding  # lazy, as in load_pretrained
-
-    array = np.ascontiguousarray(array.astype(variable.dtype))
-    target = shardings[path].get_value() if shardings else None
-    if target is None:
-        return variable.replace(jnp.asarray(array))
-    return variable.replace(sharding.put_global(array, target))  # multi-process meshes too
 
 
 def _read_config(

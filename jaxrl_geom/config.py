@@ -202,6 +202,8 @@ class TrainConfig:
       max_consecutive_skips: stop the run after this many consecutive GRPO steps
         skipped for a non-finite loss, gradient or update.
       checkpoints_to_keep: how many of the latest checkpoints stay on disk.
+      log_rollouts: write every rollout of each GRPO round (completion tokens, reward,
+        advantage, sampler log-prob sum) to ``rollouts/round_<n>.jsonl``.
     """
 
     seed: int = 0
@@ -229,6 +231,7 @@ class TrainConfig:
     checkpoint_every: int = 20
     checkpoints_to_keep: int = 3
     max_consecutive_skips: int = 10
+    log_rollouts: bool = False
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "seed", self.seed, "must be >= 0 (NumPy and JAX seeds).")

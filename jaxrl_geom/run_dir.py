@@ -30,6 +30,7 @@ RUN_FILES = (
     "tensorboard",
     "checkpoints",
     "corrupt_checkpoints",
+    "rollouts",
 )
 
 

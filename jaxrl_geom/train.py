@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import sys
@@ -348,6 +349,10 @@ def train(
         for grpo_round in range(first_round, cfg.steps + 1):
             key, sub = jax.random.split(key)
             ro = _rollouts(state, run, rng, sub)
+            if cfg.log_rollouts:  # a collective: every process takes part
+                _write_rollouts(
+                    out_dir / "rollouts" / f"round_{grpo_round:05d}.jsonl", ro, run.mesh
+                )
             batch = ro.batch
             if grpo_cfg.beta > 0:
                 batch = batch._replace(
@@ -395,6 +400,35 @@ def train(
         metrics_lib.plot_reward_curve(records, out_dir / "reward_curve.png", title=cfg.task.name)
         write_json(out_dir / "summary.json", history)
     return {"state": state, **history}
+
+
+def _write_rollouts(path: Path, ro: Rollouts, mesh: jax.sharding.Mesh) -> None:
+    """Every row of a round, gathered from all processes and written by process 0:
+    completion tokens (up to the stop token), raw reward, advantage, sampler log-prob sum."""
+    b = ro.batch
+    rows = host_values(
+        {
+            "tokens": b.tokens[:, -b.completion_mask.shape[1] :],
+            "mask": b.completion_mask,
+            "logprobs": b.old_logprobs,
+            "advantages": b.advantages,
+            "rewards": sharding.shard_batch(np.asarray(ro.rewards, np.float32), mesh),
+        }
+    )
+    if not distributed.is_main_process():
+        return
+    path.parent.mkdir(exist_ok=True)
+    lines = []
+    for i, mask in enumerate(rows["mask"]):
+        row = {
+            "row": i,
+            "completion": rows["tokens"][i][mask].tolist(),
+            "reward": float(rows["rewards"][i]),
+            "advantage": float(rows["advantages"][i]),
+            "logprob_sum": float(np.sum(rows["logprobs"][i][mask])),
+        }
+        lines.append(json.dumps(row))
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _ckpt_arrays(

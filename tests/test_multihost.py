@@ -44,6 +44,7 @@ ARGS = [
     "mesh.data=2",
     "mesh.fsdp=2",
     "mesh.tensor=2",
+    "log_rollouts=true",  # every row of every round, compared row for row below
 ]
 
 
@@ -133,8 +134,8 @@ def test_two_processes_match_one(tmp_path, capsys):
 
     # Only process 0 wrote the run's files; both took part in the checkpoints.
     assert sorted(p.name for p in two.iterdir()) == sorted(
-        ["checkpoints", "config.json", "metrics.jsonl", "reward_curve.png", "summary.json",
-         "tensorboard"]
+        ["checkpoints", "config.json", "metrics.jsonl", "reward_curve.png", "rollouts",
+         "summary.json", "tensorboard"]
     )  # fmt: skip
     assert sorted(int(p.name) for p in (two / "checkpoints").iterdir()) == [1, 2]
     log0 = (tmp_path / "log0.txt").read_text()
@@ -154,6 +155,18 @@ def test_two_processes_match_one(tmp_path, capsys):
     assert 0.0 < got[1]["reward/std"] and 0.0 < got[2]["reward/std"]  # advantages not all 0
     for k in ("eval/reward_mean", "eval/accuracy"):  # after the warm-up, over 6 prompts
         assert got[0][k] == pytest.approx(want[0][k], rel=1e-6), k
+
+    # Row for row (rows 0-15 sampled by process 0, 16-31 by process 1): the same
+    # completion tokens, rewards and advantages, and the sampler's log-probs.
+    for step in (1, 2):
+        name = f"rollouts/round_{step:05d}.jsonl"
+        rows2, rows1 = read_jsonl(two / name), read_jsonl(one / name)
+        assert [r["row"] for r in rows2] == list(range(32))
+        assert len({tuple(r["completion"]) for r in rows2}) > 1  # the rows differ
+        for g, w in zip(rows2, rows1, strict=True):
+            assert g["completion"] == w["completion"] and g["reward"] == w["reward"], g["row"]
+            assert g["advantage"] == pytest.approx(w["advantage"], rel=1e-6, abs=1e-6)
+            assert g["logprob_sum"] == pytest.approx(w["logprob_sum"], rel=1e-5, abs=1e-5)
 
     # Final parameters: the two-process checkpoint of round 2 equals the reference's.
     _assert_close_tree(_params(two), _params(one, step=2))

@@ -38,7 +38,7 @@ from flax import nnx
 
 from jaxrl_geom.longact import longact
 from jaxrl_geom.models import Decoder, ModelConfig
-from jaxrl_geom.rl import GrpoConfig, RolloutBatch, TrainState, grpo_step
+from jaxrl_geom.rl import GrpoConfig, TrainState, abstract_rollout_batch, grpo_step
 
 GIB = 2.0**30
 
@@ -148,22 +148,6 @@ def predict(
 # --------------------------------------------------------------------------- compile
 
 
-def abstract_batch(n: int, t: int, completion: int) -> RolloutBatch:
-    def s(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype)
-
-    return RolloutBatch(
-        tokens=s((n, t), jnp.int32),
-        positions=s((n, t), jnp.int32),
-        attention_mask=s((n, t), jnp.bool_),
-        completion_mask=s((n, completion), jnp.bool_),
-        old_logprobs=s((n, completion), jnp.float32),
-        ref_logprobs=s((n, completion), jnp.float32),
-        advantages=s((n,), jnp.float32),
-        group_ids=s((n,), jnp.int32),
-    )
-
-
 def compile_step(config: ModelConfig, variant: str, n: int, t: int, completion: int) -> dict:
     """AOT-compile grpo_step on abstract state and batch; memory and compile time."""
     links = [optax.adamw(1e-6)]
@@ -180,7 +164,7 @@ def compile_step(config: ModelConfig, variant: str, n: int, t: int, completion: 
         config = dataclasses.replace(config, scan_layers=False)
     tx = optax.chain(*links) if len(links) > 1 else links[0]
     state = jax.eval_shape(lambda: TrainState.create(Decoder(config, rngs=nnx.Rngs(0)), tx))
-    batch = abstract_batch(n, t, completion)
+    batch = abstract_rollout_batch(n, t, completion)
     start, cpu_start = time.perf_counter(), time.process_time()
     lowered = grpo_step.lower(state, batch, grpo, salt)
     compiled = lowered.compile()

@@ -18,8 +18,8 @@ import pytest
 from flax import nnx
 
 from jaxrl_geom.models import Decoder, ModelConfig
+from jaxrl_geom.rl import abstract_rollout_batch, losses
 from jaxrl_geom.rl import logprobs as lp
-from jaxrl_geom.rl import losses
 from jaxrl_geom.rl.step import (
     GrpoConfig,
     RolloutBatch,
@@ -257,19 +257,7 @@ def step_temp_bytes(config: ModelConfig, t: int) -> int:
     n, completion = 2, t // 2
     state = jax.eval_shape(lambda: TrainState.create(Decoder(config), optax.adamw(1e-3)))
 
-    def s(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype)
-
-    batch = RolloutBatch(
-        tokens=s((n, t), jnp.int32),
-        positions=s((n, t), jnp.int32),
-        attention_mask=s((n, t), jnp.bool_),
-        completion_mask=s((n, completion), jnp.bool_),
-        old_logprobs=s((n, completion), jnp.float32),
-        ref_logprobs=s((n, completion), jnp.float32),
-        advantages=s((n,), jnp.float32),
-        group_ids=s((n,), jnp.int32),
-    )
+    batch = abstract_rollout_batch(n, t, completion)
     compiled = grpo_step.lower(state, batch, GrpoConfig(), None).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 

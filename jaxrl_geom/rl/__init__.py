@@ -4,7 +4,12 @@ from jaxrl_geom.rl.advantages import combine_rewards, group_advantages, group_st
 from jaxrl_geom.rl.dapo import dynamic_sampling_filter, soft_overlong_punishment
 from jaxrl_geom.rl.logprobs import token_entropy, token_logprobs
 from jaxrl_geom.rl.losses import LossTerms, clip_active, policy_loss, token_weights
-from jaxrl_geom.rl.rollouts import make_rollout_batch, positions_from_mask, repeat_prompts
+from jaxrl_geom.rl.rollouts import (
+    abstract_rollout_batch,
+    make_rollout_batch,
+    positions_from_mask,
+    repeat_prompts,
+)
 from jaxrl_geom.rl.step import (
     GradientEstimator,
     Gradients,
@@ -18,6 +23,7 @@ from jaxrl_geom.rl.step import (
 )
 
 __all__ = [
+    "abstract_rollout_batch",
     "GradientEstimator",
     "Gradients",
     "GrpoConfig",

@@ -80,6 +80,27 @@ def make_rollout_batch(
     )
 
 
+def abstract_rollout_batch(num_rollouts: int, seq_len: int, completion_len: int) -> RolloutBatch:
+    """A :class:`RolloutBatch` of ``jax.ShapeDtypeStruct`` leaves (nothing allocated), for
+    ahead-of-time compiles such as ``grpo_step.lower(state, batch, ...).compile()``:
+    tokens ``[N, T]``, completion fields ``[N, L]``, per-rollout fields ``[N]``."""
+    n, t, c = num_rollouts, seq_len, completion_len
+
+    def s(shape: tuple[int, ...], dtype: jnp.dtype) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    return RolloutBatch(
+        tokens=s((n, t), jnp.int32),
+        positions=s((n, t), jnp.int32),
+        attention_mask=s((n, t), jnp.bool_),
+        completion_mask=s((n, c), jnp.bool_),
+        old_logprobs=s((n, c), jnp.float32),
+        ref_logprobs=s((n, c), jnp.float32),
+        advantages=s((n,), jnp.float32),
+        group_ids=s((n,), jnp.int32),
+    )
+
+
 def repeat_prompts(
     prompt_tokens: np.ndarray, prompt_mask: np.ndarray, num_generations: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -95,6 +95,24 @@ def _call_layer(layer: DecoderLayer, *args):
     return layer(*args)
 
 
+def _snapshot(state: nnx.State) -> dict:
+    """``{path: (leaves, treedef)}`` of a state's Variables (to detect changes later:
+    ``nnx.merge`` shares the Variable objects, so they change in place)."""
+    return {path: jax.tree.flatten(v.get_value()) for path, v in nnx.to_flat_state(state)}
+
+
+def _changed(before: dict, after: nnx.State) -> nnx.State:
+    """The Variables of ``after`` that are new or hold other values than ``before``."""
+    out = []
+    for path, var in nnx.to_flat_state(after):
+        leaves, treedef = jax.tree.flatten(var.get_value())
+        old = before.get(path)
+        same = old is not None and old[1] == treedef
+        if not (same and all(a is b for a, b in zip(leaves, old[0], strict=True))):
+            out.append((path, var))
+    return nnx.from_flat_state(out)
+
+
 def _remat_policy(config: ModelConfig):
     if config.remat_policy == "save_dots":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
@@ -221,19 +239,17 @@ class Decoder(nnx.Module):
 
     def _scan_layers(self, h, positions, attention_mask, kv_valid, cache, index):
         """``lax.scan`` over the stacked layers; the cache rides in the carry and is
-        updated in place at layer ``l``; q/k statistics come out stacked ``[L, C]``."""
+        updated in place at layer ``l``. Every Variable of the layer module is scanned
+        along its leading ``[L]`` axis; Variables the layer creates or changes (sown
+        values such as the q/k statistics, state kept by a tap) come out stacked
+        ``[L, ...]`` and are written back to the stacked module."""
         graphdef, state = nnx.split(self.layers)
-        capture = self.layers.self_attn.capture_qk
 
         def layer_fn(layer_state, h, cache_kv):
+            before = _snapshot(layer_state)
             layer = nnx.merge(graphdef, layer_state)
-            if not capture:
-                h, cache_kv = layer(h, positions, attention_mask, kv_valid, cache_kv, index)
-                return h, cache_kv, None
-            (h, cache_kv), inter = nnx.capture(_call_layer, nnx.Intermediate)(
-                layer, h, positions, attention_mask, kv_valid, cache_kv, index
-            )
-            return h, cache_kv, nnx.to_pure_dict(inter)["self_attn"]["qk_stats"][0]
+            h, cache_kv = layer(h, positions, attention_mask, kv_valid, cache_kv, index)
+            return h, cache_kv, _changed(before, nnx.state(layer))
 
         if self.config.remat:
             layer_fn = jax.checkpoint(layer_fn, policy=_remat_policy(self.config))
@@ -242,17 +258,16 @@ class Decoder(nnx.Module):
             h, k_all, v_all = carry
             layer_state, i = xs
             cache_kv = None if cache is None else (k_all[i], v_all[i])
-            h, cache_kv, stats = layer_fn(layer_state, h, cache_kv)
+            h, cache_kv, changed = layer_fn(layer_state, h, cache_kv)
             if cache is not None:
                 k_all = jax.lax.dynamic_update_index_in_dim(k_all, cache_kv[0], i, 0)
                 v_all = jax.lax.dynamic_update_index_in_dim(v_all, cache_kv[1], i, 0)
-            return (h, k_all, v_all), stats
+            return (h, k_all, v_all), changed
 
         n = self.config.num_hidden_layers
         k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
-        (h, k_all, v_all), stats = jax.lax.scan(body, (h, k_all, v_all), (state, jnp.arange(n)))
-        if capture:  # one entry of stacked [L, C] statistics (taps.collect_qk_stats)
-            self.layers.self_attn.sow(nnx.Intermediate, "qk_stats", stats)
+        (h, k_all, v_all), changed = jax.lax.scan(body, (h, k_all, v_all), (state, jnp.arange(n)))
+        nnx.update(self.layers, changed)  # e.g. q/k statistics as one [L, C] entry
         return h, (k_all, v_all)
 
     def head(self, h: jax.Array) -> jax.Array:  # [..., T, D] -> f32 [..., T, V]

@@ -17,6 +17,7 @@ scatter-add of ``D`` at the token ids, plus ``h^T D^logits`` for a tied head).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrl_geom.param_paths import path_to_str
+from jaxrl_geom.rl.step import merge_micro_batches
 from jaxrl_geom.salt.blocks import _dense_block, _last, _lookup_gram, _tied_block
 from jaxrl_geom.salt.ghost import DenseTap, EmbeddingTap, KeptD, ScaleTap, _Tap
 from jaxrl_geom.salt.gram import _mm, scale_gram
@@ -82,25 +84,39 @@ def kept_bytes(outputs: Kept, num_d: int) -> int:
 
 
 def gram_from_kept(model: nnx.Module, xs: Kept, ds: Kept) -> jax.Array:
-    """``K`` over the in-scope ops, from kept inputs ``xs`` and cotangents ``ds``."""
+    """``K`` over the in-scope ops, from kept inputs ``xs`` and cotangents ``ds``.
+
+    A stacked op (scanned layers: ``[L, N, ...]`` tensors) adds its layers' blocks, one
+    layer at a time (``lax.map``), each times its ``LayerScope`` factor if any.
+    """
     gram = None
     for name, (_, tap) in tapped_modules(model).items():
         spec, x, d = tap.spec, xs[name], ds[name]
         if not (spec.weight or spec.bias):
             continue
-        proj = tap.projections()
-        if isinstance(tap, DenseTap):
-            block = _dense_block(x["main"], d["d_main"], spec, proj, weight=spec.weight)
-        elif isinstance(tap, ScaleTap):
-            block = scale_gram(_flat3(x["main"]), _flat3(d["d_main"]))
-        elif spec.tied:
-            block = _tied_block(spec, proj, x["main"], d["d_main"], x["head"], d["d_head"])
+        if tap.num_layers:
+            blocks = jax.lax.map(lambda a, tap=tap: _block(tap, *a), (x, d, tap.projections()))
+            if tap.layer_scope is not None:
+                blocks = blocks * tap.layer_scope[...][:, None, None]
+            block = jnp.sum(blocks, axis=0)  # [L, N, N] -> [N, N]
         else:
-            block = _lookup_gram(x["main"], d["d_main"], spec)
+            block = _block(tap, x, d, tap.projections())
         gram = block if gram is None else gram + block
     if gram is None:
         raise ValueError("No tapped op is in the SALT scope; widen SaltConfig.scope.")
     return gram
+
+
+def _block(tap: _Tap, x: dict, d: dict, proj: tuple) -> jax.Array:
+    """One op's (one layer's) Gram block from its kept ``X`` and ``D``."""
+    spec = tap.spec
+    if isinstance(tap, DenseTap):
+        return _dense_block(x["main"], d["d_main"], spec, proj, weight=spec.weight)
+    if isinstance(tap, ScaleTap):
+        return scale_gram(_flat3(x["main"]), _flat3(d["d_main"]))
+    if spec.tied:
+        return _tied_block(spec, proj, x["main"], d["d_main"], x["head"], d["d_head"])
+    return _lookup_gram(x["main"], d["d_main"], spec)
 
 
 def grads_from_kept(model: nnx.Module, params: nnx.State, xs: Kept, ds: Kept) -> nnx.State:
@@ -113,14 +129,12 @@ def grads_from_kept(model: nnx.Module, params: nnx.State, xs: Kept, ds: Kept) ->
     grads: dict[str, jax.Array] = {}
     for name, (module, tap) in tapped_modules(model).items():
         x, d = xs[name], ds[name]
-        if isinstance(tap, DenseTap):
-            xx, dd = _last(tap.spec, x["main"], d["d_main"])
-            grads[f"{name}.kernel"] = _mm("ti,to->io", _flat2(xx), _flat2(dd))
-            if module.bias is not None:
-                grads[f"{name}.bias"] = jnp.sum(_flat2(dd).astype(jnp.float32), axis=0)
-        elif isinstance(tap, ScaleTap):
-            prod = x["main"].astype(jnp.float32) * d["d_main"].astype(jnp.float32)
-            grads[f"{name}.scale"] = jnp.sum(_flat2(prod), axis=0)
+        if isinstance(tap, (DenseTap, ScaleTap)):
+            has_bias = getattr(module, "bias", None) is not None
+            layer = functools.partial(_layer_grads, tap, has_bias)
+            # stacked op (scanned layers): [L, N, ...] -> gradients [L, ...], batched matmuls
+            out = jax.vmap(layer)(x, d) if tap.num_layers else layer(x, d)
+            grads.update({f"{name}.{attr}": g for attr, g in out.items()})
         elif isinstance(tap, EmbeddingTap):
             table = module.embedding
             dd = _flat2(d["d_main"]).astype(jnp.float32)
@@ -140,6 +154,45 @@ def grads_from_kept(model: nnx.Module, params: nnx.State, xs: Kept, ds: Kept) ->
         return grads[key].astype(p.dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def _layer_grads(tap: _Tap, has_bias: bool, x: dict, d: dict) -> dict[str, jax.Array]:
+    """``{attr: gradient}`` of one Linear / RMSNorm (one layer of a stacked one)."""
+    if isinstance(tap, ScaleTap):
+        prod = x["main"].astype(jnp.float32) * d["d_main"].astype(jnp.float32)
+        return {"scale": jnp.sum(_flat2(prod), axis=0)}
+    xx, dd = _last(tap.spec, x["main"], d["d_main"])
+    out = {"kernel": _mm("ti,to->io", _flat2(xx), _flat2(dd))}
+    if has_bias:
+        out["bias"] = jnp.sum(_flat2(dd).astype(jnp.float32), axis=0)
+    return out
+
+
+def merge_kept(model: nnx.Module, kept: Kept) -> Kept:
+    """Micro-batches ``[m, N/m, ...]`` -> ``[N, ...]`` (``[m, L, N/m, ...]`` ->
+    ``[L, N, ...]`` for a stacked op), rows in the order of ``split_micro_batches``."""
+    taps = tapped_modules(model)
+    out: Kept = {}
+    for name, slots in kept.items():
+        stacked = taps[name][1].num_layers
+        merge = jax.vmap(merge_micro_batches, 1) if stacked else merge_micro_batches
+        out[name] = {slot: merge(a) for slot, a in slots.items()}
+    return out
+
+
+def weigh_kept(model: nnx.Module, a: jax.Array, d_pol: Kept, d_kl: Kept | None) -> Kept:
+    """``a_i * D_i (+ D^kl_i)`` per kept cotangent in float32 (rows on axis 1 of a
+    stacked op's ``[L, N, ...]``)."""
+    taps = tapped_modules(model)
+    out: Kept = {}
+    for name, slots in d_pol.items():
+        lead = 1 if taps[name][1].num_layers else 0
+        out[name] = {}
+        for slot, d in slots.items():
+            c = a.astype(jnp.float32).reshape(*[1] * lead, -1, *[1] * (d.ndim - 1 - lead))
+            w = c * d.astype(jnp.float32)
+            out[name][slot] = w if d_kl is None else w + d_kl[name][slot].astype(jnp.float32)
+    return out
 
 
 def all_params_tapped(model: nnx.Module, params: nnx.State) -> bool:

@@ -52,6 +52,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_geom.models.layers import Embedding, Linear, RMSNorm
+from jaxrl_geom.models.taps import has_stacked_layers
 from jaxrl_geom.salt.blocks import (
     _dense_block,
     _lookup_gram,
@@ -78,6 +79,11 @@ class KeptX(nnx.Variable):
 
 class KeptD(nnx.Variable):
     """Book-keeping: a zero added to a tapped op's output; its gradient is ``D``."""
+
+
+class LayerScope(nnx.Variable):
+    """``[L]`` 0/1 of a stacked tap whose layers the scope selects only in part: the
+    factor of each layer's Gram block."""
 
 
 _ACTIVE_CALLS: list[set[str]] = []  # stack of "which taps ran in this forward" sets
@@ -239,9 +245,14 @@ _tied_head_tap.defvjp(_tied_head_tap_fwd, _tied_head_tap_bwd)
 
 
 class _Tap(nnx.Module):
-    def __init__(self, num_rows: int, spec: _TapSpec):
-        self.probe = GramProbe(jnp.zeros((num_rows, num_rows), jnp.float32))
+    def __init__(self, num_rows: int, spec: _TapSpec, num_layers: int = 0):
+        # Stacked layers (scan): every Variable here carries a leading [L] axis and the
+        # scan body sees one layer's slice, so the probe's cotangent is [L, N, N].
+        lead = (num_layers,) if num_layers else ()
+        self.probe = GramProbe(jnp.zeros((*lead, num_rows, num_rows), jnp.float32))
         self.spec = spec
+        self.num_layers = num_layers  # 0: not stacked
+        self.layer_scope = nnx.data(None)  # LayerScope [L] when the scope splits the stack
         self.r_in = nnx.data(None)  # SketchProjection [d_in, k] when sketched
         self.r_out = nnx.data(None)  # SketchProjection [d_out, k] when sketched
         self.d_main = nnx.data(None)  # KeptD (book-keeping), shaped like the output
@@ -250,6 +261,13 @@ class _Tap(nnx.Module):
     def projections(self) -> tuple:
         """``(R_in, R_out)`` of a sketched dense block, else ``()``."""
         return () if self.r_in is None else (self.r_in[...], self.r_out[...])
+
+    def _probe(self) -> jax.Array:
+        """The zero probe; times this layer's 0/1 scope when the scope splits a stack
+        (the block's cotangent is then scaled by it)."""
+        if self.layer_scope is None:
+            return self.probe[...]
+        return self.probe[...] * self.layer_scope[...]
 
     def _keep(self, slot: str, y: jax.Array, x: jax.Array) -> jax.Array:
         """Book-keeping: sow ``x`` as ``KeptX``; add the zero probe whose gradient is ``D``
@@ -270,7 +288,7 @@ class DenseTap(_Tap):
         if self.spec.keep:
             return self._keep("main", y, x)
         _record_call(self.spec.path)
-        return _dense_tap(self.spec, y, x, self.probe[...], self.projections())
+        return _dense_tap(self.spec, y, x, self._probe(), self.projections())
 
 
 class ScaleTap(_Tap):
@@ -280,7 +298,7 @@ class ScaleTap(_Tap):
         if self.spec.keep:
             return self._keep("main", y, x_hat)
         _record_call(self.spec.path)
-        return _scale_tap(self.spec, y, x_hat, self.probe[...])
+        return _scale_tap(self.spec, y, x_hat, self._probe())
 
 
 class EmbeddingTap(_Tap):
@@ -387,20 +405,26 @@ def attach_gram_taps(
     head = getattr(model, "lm_head", None)
     covered: list[str] = []
     sketched: list[tuple[_Tap, int, int]] = []  # (tap, d_in, d_out) of sketched dense blocks
+    stacks: dict[int, list[tuple[int | None, tuple]]] = {}  # id(tap) -> sketched (layer, path)
     for path, module in list(nnx.iter_modules(model)):
         prefix = ".".join(str(p) for p in path)
         if isinstance(module, Linear):
-            kernel = in_scope(scope, _join(path, "kernel"), module.kernel[...])
-            bias = module.bias is not None and in_scope(
-                scope, _join(path, "bias"), module.bias[...]
-            )
-            covered += [_join(path, "kernel")] * kernel + [_join(path, "bias")] * bias
+            layers = module.kernel.ndim - 2  # 1: stacked [L, in, out] (scanned layers)
+            kernels = _selected(scope, path, "kernel", module.kernel[...], layers)
+            biases = [False] * len(kernels)
+            if module.bias is not None:
+                biases = _selected(scope, path, "bias", module.bias[...], layers)
+            covered += _names(path, "kernel", kernels, layers)
+            covered += _names(path, "bias", biases, layers)
+            kernel, bias = any(kernels), any(biases)
             if kernel or bias or keep:
                 last = head_positions if module is head else 0
                 tap_spec = spec(path=prefix, weight=kernel, bias=bias, last=last)
-                module.gram_tap = DenseTap(num_rows, tap_spec)
+                module.gram_tap = DenseTap(num_rows, tap_spec, layers and len(kernels))
+                _set_layer_scope(module.gram_tap, kernels, biases)
                 if kernel:
-                    sketched.append((module.gram_tap, *module.kernel.shape))
+                    sketched.append((module.gram_tap, *module.kernel.shape[-2:]))
+                    stacks[id(module.gram_tap)] = _layer_paths(path, kernels, layers)
         elif isinstance(module, Embedding):
             selected = in_scope(scope, _join(path, "embedding"), module.embedding[...])
             covered += [_join(path, "embedding")] * selected
@@ -417,18 +441,21 @@ def attach_gram_taps(
                 if tied_embeddings and selected:  # the table as a dense block [D, V]
                     sketched.append((module.gram_tap, *module.embedding.shape[::-1]))
         elif isinstance(module, RMSNorm):
-            selected = in_scope(scope, _join(path, "scale"), module.scale[...])
-            covered += [_join(path, "scale")] * selected
-            if selected or keep:
-                module.gram_tap = ScaleTap(num_rows, spec(path=prefix, weight=selected, bias=False))
+            layers = module.scale.ndim - 1  # 1: stacked [L, C]
+            scales = _selected(scope, path, "scale", module.scale[...], layers)
+            covered += _names(path, "scale", scales, layers)
+            if any(scales) or keep:
+                tap_spec = spec(path=prefix, weight=any(scales), bias=False)
+                module.gram_tap = ScaleTap(num_rows, tap_spec, layers and len(scales))
+                _set_layer_scope(module.gram_tap, scales, [False] * len(scales))
 
     if backend == "sketch":
-        _draw_projections(sketched, sketch_dim, seed, step)
+        _draw_projections(sketched, sketch_dim, seed, step, stacks)
 
-    params = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
-    wanted = {path_to_str(p) for p, leaf in params if in_scope(scope, path_to_str(p), leaf)}
+    params = _per_layer_params(nnx.state(model, nnx.Param), scope)
+    wanted = {name for name, leaf in params if in_scope(scope, name, leaf)}
     if not wanted:
-        names = [path_to_str(p) for p, _ in params]
+        names = [name for name, _ in params]
         raise ValueError(
             f"scope {scope!r} selects no parameter; the paths are e.g. {names[:5]}. Fix the "
             "scope regex/filter or pass scope=None for all parameters."
@@ -444,7 +471,11 @@ def attach_gram_taps(
 
 
 def _draw_projections(
-    sketched: list[tuple[_Tap, int, int]], k: int, seed: int | jax.Array, step: int | jax.Array
+    sketched: list[tuple[_Tap, int, int]],
+    k: int,
+    seed: int | jax.Array,
+    step: int | jax.Array,
+    stacks: dict[int, list[tuple[int | None, tuple]]] | None = None,
 ) -> None:
     """Give every sketched block ``N(0, 1/k)`` projections ``R_in [d_in, k]``,
     ``R_out [d_out, k]``, keyed by ``(seed, step, module path, side)``.
@@ -453,12 +484,27 @@ def _draw_projections(
     ``rbg`` generator from key data ``[seed, crc32(path.side), step, 0]``: the draws depend
     on constants only, and XLA constant-folds threefry (also used by ``fold_in``) at
     compile time, slowly (seconds per layer); RngBitGenerator is not folded.
+
+    A stacked tap (``stacks[id(tap)]``: its sketched layers and their unrolled module
+    paths) gets ``[L, d, k]``: layer ``i`` drawn under its unrolled path, in the
+    unrolled model's order (the vmapped ``rbg`` draws depend on the batch of keys), so
+    scanned and unrolled models draw the same projections.
     """
-    requests = [(tap, "r_in", d_in) for tap, d_in, _ in sketched]
-    requests += [(tap, "r_out", d_out) for tap, _, d_out in sketched]
+    stacks = {} if stacks is None else stacks
+    entries = []  # (tap, layer or None, module path tuple, d_in, d_out)
+    for tap, d_in, d_out in sketched:
+        for layer, path in stacks.get(id(tap), [(None, (tap.spec.path,))]):
+            entries.append((tap, layer, path, d_in, d_out))
+    if any(i is not None for _, i, *_ in entries):  # the unrolled model's module order
+        # (nnx.iter_modules: children sorted, depth first), as an unrolled model requests
+        entries.sort(key=lambda e: tuple((0, p) if isinstance(p, int) else (1, p) for p in e[2]))
+    requests = [(tap, i, path, "r_in", d_in) for tap, i, path, d_in, _ in entries]
+    requests += [(tap, i, path, "r_out", d_out) for tap, i, path, _, d_out in entries]
+    drawn: dict[tuple[int, str], dict[int | None, jax.Array]] = {}
     for dim in sorted({d for *_, d in requests}):
-        group = [(tap, side) for tap, side, d in requests if d == dim]
-        ids = np.asarray([zlib.crc32(f"{t.spec.path}.{side}".encode()) for t, side in group])
+        group = [(tap, i, path, side) for tap, i, path, side, d in requests if d == dim]
+        names = [".".join(str(p) for p in path) + f".{side}" for _, _, path, side in group]
+        ids = np.asarray([zlib.crc32(name.encode()) for name in names])
         seeds = jnp.full(ids.shape, seed, jnp.uint32)  # seed may be traced
         zeros = np.zeros(ids.shape, np.uint32)
         steps = jnp.full(ids.shape, step, jnp.uint32)  # step may be traced
@@ -466,23 +512,116 @@ def _draw_projections(
         keys = jax.random.wrap_key_data(key_data, impl="rbg")
         draws = jax.vmap(lambda key, dim=dim: jax.random.normal(key, (dim, k), jnp.float32))(keys)
         draws = draws / np.sqrt(np.float32(k))  # [G, dim, k]
-        for (tap, side), r in zip(group, draws, strict=True):
+        for (tap, i, _, side), r in zip(group, draws, strict=True):
+            drawn.setdefault((id(tap), side), {})[i] = r
+    for tap, *_ in sketched:
+        for side in ("r_in", "r_out"):
+            rows = drawn[(id(tap), side)]
+            if not tap.num_layers:
+                setattr(tap, side, SketchProjection(rows[None]))  # the one (layer None) draw
+                continue
+            # layers outside the scope: zeros (their block is scaled by 0)
+            zero = jnp.zeros_like(next(iter(rows.values())))
+            r = jnp.stack([rows.get(i, zero) for i in range(tap.num_layers)])  # [L, d, k]
             setattr(tap, side, SketchProjection(r))
 
 
+def _layer_path(path: tuple, layer: int) -> tuple:
+    """The unrolled module path of layer ``layer`` of a stacked module: the index after
+    the top-level attribute (``layers.mlp.up_proj`` -> ``layers.<i>.mlp.up_proj``), the
+    layout of ``Decoder`` (:func:`jaxrl_geom.models.taps.has_stacked_layers`)."""
+    return (path[0], layer, *path[1:])
+
+
+def _selected(scope: Scope, path: tuple, name: str, value: Any, stacked: int) -> list[bool]:
+    """Scope decision per layer of a stacked ``[L, ...]`` parameter (judged under its
+    unrolled name ``layers.<i>.<...>``), or the one decision of a plain parameter."""
+    if not stacked:
+        return [in_scope(scope, _join(path, name), value)]
+    return [
+        in_scope(scope, _join(_layer_path(path, i), name), value[i] if callable(scope) else value)
+        for i in range(value.shape[0])
+    ]
+
+
+def _names(path: tuple, name: str, selected: list[bool], stacked: int) -> list[str]:
+    """The selected parameter names (unrolled names for a stacked parameter)."""
+    if not stacked:
+        return [_join(path, name)] * selected[0]
+    return [_join(_layer_path(path, i), name) for i, s in enumerate(selected) if s]
+
+
+def _layer_paths(path: tuple, selected: list[bool], stacked: int) -> list[tuple[int | None, tuple]]:
+    """``(layer, unrolled module path)`` of the selected layers of a stacked module."""
+    if not stacked:
+        return [(None, path)]
+    return [(i, _layer_path(path, i)) for i, s in enumerate(selected) if s]
+
+
+def _set_layer_scope(tap: _Tap, weight: list[bool], bias: list[bool]) -> None:
+    """A :class:`LayerScope` on a stacked tap whose layers the scope selects in part.
+
+    Raises:
+      ValueError: the scope selects a stacked kernel and its bias in some layers but not
+        in the same way in others (one factor per layer cannot express that).
+    """
+    if not tap.num_layers:
+        return
+    w, b = any(weight), any(bias)
+    per_layer = [wl or bl for wl, bl in zip(weight, bias, strict=True)]
+    if any(s and (wl, bl) != (w, b) for s, wl, bl in zip(per_layer, weight, bias, strict=True)):
+        raise ValueError(
+            f"scope selects the parameters of the stacked {tap.spec.path!r} differently per "
+            "layer (the kernel in some layers, the bias in others): with scanned layers "
+            "select a Linear's kernel and bias together in each layer, or build the model "
+            "with ModelConfig(scan_layers=False)."
+        )
+    if all(per_layer) or not any(per_layer):
+        return
+    tap.layer_scope = LayerScope(jnp.asarray(per_layer, jnp.float32))
+
+
+def _per_layer_params(params: nnx.State, scope: Scope) -> list[tuple[str, Any]]:
+    """``(name, value)`` per parameter; a stacked ``layers.<...>`` parameter
+    (:func:`~jaxrl_geom.models.taps.has_stacked_layers`) gives one entry per layer under
+    its unrolled name (its slice as the value when ``scope`` is a callable)."""
+    stacked = has_stacked_layers(params)
+    out = []
+    for p, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = path_to_str(p)
+        head, _, tail = name.partition(".")
+        if stacked and head == "layers":
+            value = (lambda i, leaf=leaf: leaf[i]) if callable(scope) else (lambda i: None)
+            out += [(f"{head}.{i}.{tail}", value(i)) for i in range(leaf.shape[0])]
+        else:
+            out.append((name, leaf))
+    return out
+
+
 def probe_gram(probe_grads: Any) -> jax.Array:
-    """The Gram: the sum of the probes' cotangents (one ``[N, N]`` block per tapped op)."""
-    return sum(jax.tree_util.tree_leaves(probe_grads))
+    """The Gram: the sum of the probes' cotangents (one ``[N, N]`` block per tapped op,
+    ``[L, N, N]`` per stacked op of scanned layers)."""
+    leaves = jax.tree_util.tree_leaves(probe_grads)
+    return sum(g if g.ndim == 2 else jnp.sum(g, axis=0) for g in leaves)
 
 
 def probe_blocks(probe_grads: Any) -> dict[str, jax.Array]:
     """The per-op Gram blocks ``{module path: [N, N]}`` (e.g. ``"layers.0.mlp.up_proj"``;
-    a Linear's block covers its kernel and bias, a tied table's its lookup and head)."""
+    a Linear's block covers its kernel and bias, a tied table's its lookup and head).
+    A stacked op (scanned layers) gives one block per layer under the unrolled names,
+    in the unrolled order."""
     suffix = ".gram_tap.probe"
-    return {
-        path_to_str(path).removesuffix(suffix): block
-        for path, block in jax.tree_util.tree_leaves_with_path(probe_grads)
-    }
+    blocks = []
+    for path, block in jax.tree_util.tree_leaves_with_path(probe_grads):
+        name = path_to_str(path).removesuffix(suffix)
+        if block.ndim == 2:
+            blocks.append(((name,), name, block))
+            continue
+        head, _, tail = name.partition(".")  # layers.<op> -> layers.<i>.<op>
+        blocks += [((head, i, tail), f"{head}.{i}.{tail}", block[i]) for i in range(len(block))]
+    if any(len(key) > 1 for key, *_ in blocks):
+        blocks.sort(key=lambda b: tuple((0, p) if isinstance(p, int) else (1, p) for p in b[0]))
+    return {name: block for _, name, block in blocks}
 
 
 def split_tapped(
@@ -560,7 +699,9 @@ def gram_of_loss(
                 "the batch: the Gram needs one loss per row."
             )
         num_rows = shape[0]
-    graphdef, probes, params, rest = split_tapped(model, num_rows, **tap_kwargs)
+    tapped = nnx.merge(*nnx.split(model))
+    covered = attach_gram_taps(tapped, num_rows, **tap_kwargs)
+    graphdef, probes, params, rest = nnx.split(tapped, GramProbe, nnx.Param, ...)
 
     def total(probes: nnx.State) -> tuple[jax.Array, Any]:
         # copy=True: fresh Variables at this trace level (nnx.remat'd layers update them).
@@ -574,5 +715,9 @@ def gram_of_loss(
         return jnp.sum(per_row), aux
 
     probe_grads, aux = jax.grad(total, has_aux=True)(probes)
-    gram = probe_blocks(probe_grads) if per_op else probe_gram(probe_grads)
+    if per_op:  # the ops in scope (a stacked op's layers outside it give zero blocks)
+        ops = {name.rsplit(".", 1)[0] for name in covered}
+        gram = {k: v for k, v in probe_blocks(probe_grads).items() if k in ops}
+    else:
+        gram = probe_gram(probe_grads)
     return (gram, aux) if has_aux else gram

@@ -70,7 +70,6 @@ from jaxrl_geom.rl.step import (
     global_denominators,
     loss_and_metrics,
     merge_metrics,
-    merge_micro_batches,
     plain_gradients,
     split_micro_batches,
 )
@@ -205,11 +204,6 @@ class SaltEstimator(struct.PyTreeNode):
 
         ``metrics`` gains ``salt/<name>`` for :data:`SALT_METRICS`.
         """
-        if taps.has_stacked_layers(params):
-            raise ValueError(
-                "SALT's estimator does not support scanned layers yet (its Gram taps are per "
-                "layer module): build the model with ModelConfig(scan_layers=False)."
-            )
         n = batch.tokens.shape[0]
         opts = self.options
         num_sequences, num_tokens = global_denominators(batch)
@@ -318,21 +312,14 @@ def _bookkeeping(
         metrics = merge_metrics(metrics, tokens.astype(jnp.float32))
         if stats is not None:
             stats = {k: combine_micro_batch_stats(v) for k, v in stats.items()}
-        kept, d_pol, d_kl = merge_micro_batches((kept, d_pol, d_kl))
-    xs = bk.kept_by_module(kept)
-    d_pol = bk.kept_by_module(d_pol)
+    xs, d_pol = bk.kept_by_module(kept), bk.kept_by_module(d_pol)
+    d_kl = None if d_kl is None else bk.kept_by_module(d_kl)
+    if m > 1:  # stacked ops (scanned layers) keep [m, L, N/m, ...]
+        merge = lambda k: None if k is None else bk.merge_kept(tapped, k)  # noqa: E731
+        xs, d_pol, d_kl = merge(xs), merge(d_pol), merge(d_kl)
     gram = bk.gram_from_kept(tapped, xs, d_pol)
     a_new, diagnostics = reweight(gram, batch.advantages, batch.group_ids, knobs)
-
-    def weigh(d, *extra):
-        c = a_new.astype(jnp.float32).reshape(-1, *([1] * (d.ndim - 1)))
-        out = c * d.astype(jnp.float32)
-        return out + extra[0].astype(jnp.float32) if extra else out
-
-    if d_kl is None:
-        weighted = jax.tree.map(weigh, d_pol)
-    else:
-        weighted = jax.tree.map(weigh, d_pol, bk.kept_by_module(d_kl))
+    weighted = bk.weigh_kept(tapped, a_new, d_pol, d_kl)
     grads = bk.grads_from_kept(tapped, params, xs, weighted)
     metrics = {**metrics, **salt_metrics(diagnostics)}
     return Gradients(loss=loss, grads=grads, metrics=metrics, activation_stats=stats)

@@ -1,6 +1,6 @@
 """Scanned layers (``ModelConfig.scan_layers``) equal the unrolled model: logits,
 gradients, remat policies, KV-cache decode, HF checkpoint load/save, sharding, and the
-``grpo_step`` update with LongAct on 8 fake devices.
+``grpo_step`` update with LongAct on 8 fake devices (with SALT: test_salt_scan.py).
 
 The reference is the unrolled Decoder, itself checked against Hugging Face torch in
 test_models.py; both models load the same ``save_pretrained`` directory, so the
@@ -185,15 +185,6 @@ def test_grpo_step_with_longact_scanned_equals_unrolled_on_8_devices(checkpoint)
         assert any(k.startswith("longact/") for k in got)
         for k in want:
             assert rel_err(got[k], want[k]) < TOL, k
-
-
-def test_salt_refuses_scanned_layers(checkpoint):
-    from jaxrl_geom.salt import SaltConfig, salt_estimator
-
-    model = load_pretrained(checkpoint, scan_layers=True)
-    state = TrainState.create(model, optax.sgd(0.1))
-    with pytest.raises(ValueError, match="scan_layers=False"):
-        grpo_step(state, rollout_batch(0), GrpoConfig(), salt_estimator(SaltConfig()))
 
 
 def test_scan_by_default_above_eight_layers():

@@ -104,27 +104,47 @@ def rollout_batch(model: Decoder, seed: int) -> RolloutBatch:
     )
 
 
+def record_q_stats() -> optax.GradientTransformationExtraArgs:
+    """Keeps the ``activation_stats=`` q sums ``[L, C]`` in its state, for inspection."""
+
+    def init(params):
+        del params
+        return jnp.zeros((NL, QWEN2.num_attention_heads * QWEN2.head_dim))
+
+    def update(updates, state, params=None, *, activation_stats=None, **extra):
+        del params, extra
+        return updates, state if activation_stats is None else activation_stats["q"].sum_abs
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+TX = optax.chain(record_q_stats(), optax.sgd(LR))  # one object: a static part of the state
+
+
 def salt_update(model, batch, config, salt_config, mesh):
-    """(update in the unrolled layout as float64, metrics) of one SGD(LR) grpo_step."""
+    """(update in the unrolled layout as float64, metrics, recorded q sums) of one
+    SGD(LR) grpo_step."""
     model = nnx.merge(*nnx.split(model))
     if mesh is not None:
         model, batch = shard_model(model, mesh), shard_batch(batch, mesh)
-    state = TrainState.create(model, optax.sgd(LR))
+    state = TrainState.create(model, TX)
     old = jax.device_get(nnx.to_pure_dict(state.params))  # the step donates `state`
     estimator = salt_estimator(salt_config)
     step = grpo_step.lower(state, batch, config, estimator).compile(FAST_COMPILE)
     new, metrics = step(state, batch, estimator)
+    q_sums = np.asarray(new.opt_state[0])
     new = jax.device_get(nnx.to_pure_dict(new.params))
     update = jax.tree.map(lambda a, b: (np.float64(a) - np.float64(b)) / LR, old, new)
-    return (unstack(update) if model.config.scanned else update), jax.device_get(metrics)
+    update = unstack(update) if model.config.scanned else update
+    return update, jax.device_get(metrics), q_sums
 
 
 @pytest.mark.parametrize(
     "config, grpo, salt_config, devices",
     [
-        pytest.param(  # X and D kept per micro-batch, stacked [m, L, N/m, ...]
-            QWEN2,
-            GrpoConfig(beta=0.04, num_micro_batches=2),
+        pytest.param(  # X and D kept per micro-batch, stacked [m, L, N/m, ...]; q/k
+            QWEN2,  # statistics sown in the same scan
+            GrpoConfig(beta=0.04, num_micro_batches=2, capture_activations=True),
             SaltConfig(KNOBS, backend="sketch", sketch_dim=4, scope=SPLIT, keep_budget_gib=KEEP),
             8,
             id="bookkeeping-sketch-split-scope-untied-kl-2micro-8devices",
@@ -142,8 +162,8 @@ def test_salt_step_scanned_equals_unrolled(config, grpo, salt_config, devices):
     unrolled, scanned = models(config)
     batch = rollout_batch(unrolled, seed=1)
     mesh = make_mesh(data=2, fsdp=4) if devices == 8 else None
-    want, want_metrics = salt_update(unrolled, batch, grpo, salt_config, mesh)
-    got, metrics = salt_update(scanned, batch, grpo, salt_config, mesh)
+    want, want_metrics, want_q = salt_update(unrolled, batch, grpo, salt_config, mesh)
+    got, metrics, q = salt_update(scanned, batch, grpo, salt_config, mesh)
     assert float(want_metrics["salt/gamma"]) > 0.1  # SALT really reweights
     assert float(want_metrics["salt/ok"]) == 1.0
     # Same math, other fusions and summation orders through the depth (and the Gram's
@@ -155,6 +175,9 @@ def test_salt_step_scanned_equals_unrolled(config, grpo, salt_config, devices):
     assert sorted(metrics) == sorted(want_metrics)
     for key in (k for k in want_metrics if k.startswith("salt/") or k == "loss"):
         assert_f32_close(metrics[key], want_metrics[key], scale=1.0, ops=ops, err_msg=key)
+    if grpo.capture_activations:  # sown in the scan next to SALT's kept X
+        assert np.all(want_q > 0)
+        assert_f32_close(q, want_q, scale=np.abs(want_q).max(), ops=ops, err_msg="q stats")
 
 
 def test_per_layer_gram_blocks_scanned_equal_unrolled():

@@ -52,7 +52,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_geom.models.layers import Embedding, Linear, RMSNorm
-from jaxrl_geom.models.taps import has_stacked_layers
+from jaxrl_geom.salt import stacked as st
 from jaxrl_geom.salt.blocks import (
     _dense_block,
     _lookup_gram,
@@ -79,11 +79,6 @@ class KeptX(nnx.Variable):
 
 class KeptD(nnx.Variable):
     """Book-keeping: a zero added to a tapped op's output; its gradient is ``D``."""
-
-
-class LayerScope(nnx.Variable):
-    """``[L]`` 0/1 of a stacked tap whose layers the scope selects only in part: the
-    factor of each layer's Gram block."""
 
 
 _ACTIVE_CALLS: list[set[str]] = []  # stack of "which taps ran in this forward" sets
@@ -366,6 +361,11 @@ def attach_gram_taps(
     op; the gradient of ``sum_i l_i`` with respect to them, summed, is the Gram of the
     per-row loss gradients over the selected parameters (:func:`probe_gram`).
 
+    Scanned layers (``ModelConfig.scan_layers``: one module, parameters ``[L, ...]``): the
+    stacked module's taps hold ``[L, ...]`` Variables (probe ``[L, N, N]``), scanned with
+    the parameters; the scope is judged per layer under the unrolled names
+    (``layers.<i>.<...>``), which are also the names returned.
+
     Args:
       model: the model (e.g. a ``Decoder``).
       num_rows: ``N``, the batch size of the forward pass to come.
@@ -410,21 +410,21 @@ def attach_gram_taps(
         prefix = ".".join(str(p) for p in path)
         if isinstance(module, Linear):
             layers = module.kernel.ndim - 2  # 1: stacked [L, in, out] (scanned layers)
-            kernels = _selected(scope, path, "kernel", module.kernel[...], layers)
+            kernels = st.selected(scope, path, "kernel", module.kernel[...], layers)
             biases = [False] * len(kernels)
             if module.bias is not None:
-                biases = _selected(scope, path, "bias", module.bias[...], layers)
-            covered += _names(path, "kernel", kernels, layers)
-            covered += _names(path, "bias", biases, layers)
+                biases = st.selected(scope, path, "bias", module.bias[...], layers)
+            covered += st.selected_names(path, "kernel", kernels, layers)
+            covered += st.selected_names(path, "bias", biases, layers)
             kernel, bias = any(kernels), any(biases)
             if kernel or bias or keep:
                 last = head_positions if module is head else 0
                 tap_spec = spec(path=prefix, weight=kernel, bias=bias, last=last)
                 module.gram_tap = DenseTap(num_rows, tap_spec, layers and len(kernels))
-                _set_layer_scope(module.gram_tap, kernels, biases)
+                module.gram_tap.layer_scope = st.layer_scope(prefix, kernels, biases, layers)
                 if kernel:
                     sketched.append((module.gram_tap, *module.kernel.shape[-2:]))
-                    stacks[id(module.gram_tap)] = _layer_paths(path, kernels, layers)
+                    stacks[id(module.gram_tap)] = st.layer_paths(path, kernels, layers)
         elif isinstance(module, Embedding):
             selected = in_scope(scope, _join(path, "embedding"), module.embedding[...])
             covered += [_join(path, "embedding")] * selected
@@ -442,17 +442,18 @@ def attach_gram_taps(
                     sketched.append((module.gram_tap, *module.embedding.shape[::-1]))
         elif isinstance(module, RMSNorm):
             layers = module.scale.ndim - 1  # 1: stacked [L, C]
-            scales = _selected(scope, path, "scale", module.scale[...], layers)
-            covered += _names(path, "scale", scales, layers)
+            scales = st.selected(scope, path, "scale", module.scale[...], layers)
+            covered += st.selected_names(path, "scale", scales, layers)
             if any(scales) or keep:
                 tap_spec = spec(path=prefix, weight=any(scales), bias=False)
                 module.gram_tap = ScaleTap(num_rows, tap_spec, layers and len(scales))
-                _set_layer_scope(module.gram_tap, scales, [False] * len(scales))
+                no_bias = [False] * len(scales)
+                module.gram_tap.layer_scope = st.layer_scope(prefix, scales, no_bias, layers)
 
     if backend == "sketch":
         _draw_projections(sketched, sketch_dim, seed, step, stacks)
 
-    params = _per_layer_params(nnx.state(model, nnx.Param), scope)
+    params = st.per_layer_params(nnx.state(model, nnx.Param), scope)
     wanted = {name for name, leaf in params if in_scope(scope, name, leaf)}
     if not wanted:
         names = [name for name, _ in params]
@@ -524,78 +525,6 @@ def _draw_projections(
             zero = jnp.zeros_like(next(iter(rows.values())))
             r = jnp.stack([rows.get(i, zero) for i in range(tap.num_layers)])  # [L, d, k]
             setattr(tap, side, SketchProjection(r))
-
-
-def _layer_path(path: tuple, layer: int) -> tuple:
-    """The unrolled module path of layer ``layer`` of a stacked module: the index after
-    the top-level attribute (``layers.mlp.up_proj`` -> ``layers.<i>.mlp.up_proj``), the
-    layout of ``Decoder`` (:func:`jaxrl_geom.models.taps.has_stacked_layers`)."""
-    return (path[0], layer, *path[1:])
-
-
-def _selected(scope: Scope, path: tuple, name: str, value: Any, stacked: int) -> list[bool]:
-    """Scope decision per layer of a stacked ``[L, ...]`` parameter (judged under its
-    unrolled name ``layers.<i>.<...>``), or the one decision of a plain parameter."""
-    if not stacked:
-        return [in_scope(scope, _join(path, name), value)]
-    return [
-        in_scope(scope, _join(_layer_path(path, i), name), value[i] if callable(scope) else value)
-        for i in range(value.shape[0])
-    ]
-
-
-def _names(path: tuple, name: str, selected: list[bool], stacked: int) -> list[str]:
-    """The selected parameter names (unrolled names for a stacked parameter)."""
-    if not stacked:
-        return [_join(path, name)] * selected[0]
-    return [_join(_layer_path(path, i), name) for i, s in enumerate(selected) if s]
-
-
-def _layer_paths(path: tuple, selected: list[bool], stacked: int) -> list[tuple[int | None, tuple]]:
-    """``(layer, unrolled module path)`` of the selected layers of a stacked module."""
-    if not stacked:
-        return [(None, path)]
-    return [(i, _layer_path(path, i)) for i, s in enumerate(selected) if s]
-
-
-def _set_layer_scope(tap: _Tap, weight: list[bool], bias: list[bool]) -> None:
-    """A :class:`LayerScope` on a stacked tap whose layers the scope selects in part.
-
-    Raises:
-      ValueError: the scope selects a stacked kernel and its bias in some layers but not
-        in the same way in others (one factor per layer cannot express that).
-    """
-    if not tap.num_layers:
-        return
-    w, b = any(weight), any(bias)
-    per_layer = [wl or bl for wl, bl in zip(weight, bias, strict=True)]
-    if any(s and (wl, bl) != (w, b) for s, wl, bl in zip(per_layer, weight, bias, strict=True)):
-        raise ValueError(
-            f"scope selects the parameters of the stacked {tap.spec.path!r} differently per "
-            "layer (the kernel in some layers, the bias in others): with scanned layers "
-            "select a Linear's kernel and bias together in each layer, or build the model "
-            "with ModelConfig(scan_layers=False)."
-        )
-    if all(per_layer) or not any(per_layer):
-        return
-    tap.layer_scope = LayerScope(jnp.asarray(per_layer, jnp.float32))
-
-
-def _per_layer_params(params: nnx.State, scope: Scope) -> list[tuple[str, Any]]:
-    """``(name, value)`` per parameter; a stacked ``layers.<...>`` parameter
-    (:func:`~jaxrl_geom.models.taps.has_stacked_layers`) gives one entry per layer under
-    its unrolled name (its slice as the value when ``scope`` is a callable)."""
-    stacked = has_stacked_layers(params)
-    out = []
-    for p, leaf in jax.tree_util.tree_leaves_with_path(params):
-        name = path_to_str(p)
-        head, _, tail = name.partition(".")
-        if stacked and head == "layers":
-            value = (lambda i, leaf=leaf: leaf[i]) if callable(scope) else (lambda i: None)
-            out += [(f"{head}.{i}.{tail}", value(i)) for i in range(leaf.shape[0])]
-        else:
-            out.append((name, leaf))
-    return out
 
 
 def probe_gram(probe_grads: Any) -> jax.Array:

@@ -147,14 +147,18 @@ def predict(
     if longact_on:  # [L, C] statistics and masks: negligible next to the rest
         out["longact"] = nl * 8 * (h + k) * hd * 4
     # Peak: gradients and saved activations live throughout the backward; the head's
-    # chunk and one layer's working set are live at different times.
-    out["temp"] = (
+    # chunk and one layer's working set are live at different times. After the
+    # backward, the AdamW update holds the gradients and a new mu, nu and update per
+    # parameter (fp32) before they land in the donated buffers: the peak at short T.
+    backward = (
         out["grads"]
         + out["saved_activations"]
         + out["hidden_and_cotangent"]
         + max(out["layer_transient"], out["logits_chunk"])
         + out.get("longact", 0)
     )
+    out["optimizer_update"] = 4 * 4 * p
+    out["temp"] = max(backward, out["optimizer_update"])
     out["args"] = out["params"] + out["adam"]
     return out
 
@@ -209,7 +213,8 @@ def main() -> None:
         f"# {args.size}: {param_count(config) / 1e6:.0f}M params, N={args.N}, "
         f"L={args.completion_frac:g} T, bf16 compute, remat {config.remat_policy}, "
         f"attention {config.attention_impl} (block {config.attention_block_size}), "
-        f"logits chunk {config.logits_chunk_tokens} tokens; backend {jax.default_backend()}"
+        f"logits chunk {config.logits_chunk_tokens} tokens, MLP chunk {config.mlp_chunk_tokens}; "
+        f"backend {jax.default_backend()}"
     )
     cpu = jax.default_backend() == "cpu"
     print(

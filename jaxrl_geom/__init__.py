@@ -10,7 +10,8 @@ Public surface (docs/SPEC.md section 4), imported lazily so ``import jaxrl_geom`
 - ``jaxrl_geom.longact``: ``longact(...)``, activation capture helpers.
 - ``jaxrl_geom.tasks``: built-in verifiable-reward tasks.
 - ``jaxrl_geom.rollout``: ``collect_rollouts`` / ``evaluate_rewards``, in one process or many.
-- ``jaxrl_geom.loop``: the train loop's parts (``warmup_steps``, ``sample_examples``, DAPO
+- ``jaxrl_geom.loop``: the train loop's parts (``build_policy``, ``build_optimizer``,
+  ``held_out_examples``, ``warmup_steps``, ``sample_examples``, DAPO
   ``collect_rollouts_dynamic``, plus the above and ``grpo_step``) for hand-written loops.
 - ``jaxrl_geom.distributed``: ``initialize()`` of a multi-process run (docs/SCALE.md).
 """

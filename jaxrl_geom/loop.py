@@ -2,16 +2,23 @@
 
 A loop written by hand (one process or many; every process runs the same code)::
 
+    cfg = load_config(None, ["steps=20"])
+    task, tok = get_task(cfg.task.name, **cfg.task.kwargs), CharTokenizer()
+    model = build_policy(cfg, tokenizer=tok)  # or any nnx Decoder
+    held_out = held_out_examples(cfg, task=task)
+    exclude = {e.prompt for e in held_out}
     rng = np.random.default_rng(0)
     sft = TrainState.create(model, optax.adamw(1e-3))
-    batches = (sample_examples(task, rng=rng, n=8) for _ in range(50))
+    batches = (sample_examples(task, rng=rng, n=8, exclude=exclude) for _ in range(50))
     sft, _ = warmup_steps(sft, batches=batches, task=task, tokenizer=tok, max_new_tokens=8)
-    state = TrainState.create(sft.model(), my_optax_chain)
-    for r in range(rounds):
-        ro = collect_rollouts((state.graphdef, state.params, state.rest),
-                              examples=sample_examples(task, rng=rng, n=16), tokenizer=tok,
-                              reward_fn=my_reward, key=jax.random.key(r), num_generations=8,
-                              max_new_tokens=8, method=Sample(temperature=1.0))
+    tx = build_optimizer(cfg, model_config=model.config)  # or any optax chain
+    state = TrainState.create(sft.model(), tx)
+    for r in range(cfg.steps):
+        examples = sample_examples(task, rng=rng, n=16, exclude=exclude)
+        ro = collect_rollouts((state.graphdef, state.params, state.rest), examples=examples,
+                              tokenizer=tok, reward_fn=my_reward, key=jax.random.key(r),
+                              num_generations=8, max_new_tokens=8,
+                              method=Sample(temperature=1.0))
         state, metrics = grpo_step(state, ro.batch, GrpoConfig())
     print(evaluate_rewards(state.model(), examples=held_out, tokenizer=tok,
                            reward_fn=task.reward, max_new_tokens=8))
@@ -30,27 +37,91 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxrl_geom import sharding
+from jaxrl_geom.config import TrainConfig
+from jaxrl_geom.models import Decoder, ModelConfig, load_pretrained
 from jaxrl_geom.rl import advantages as adv_lib
 from jaxrl_geom.rl import dapo
 from jaxrl_geom.rl.rollouts import make_rollout_batch
-from jaxrl_geom.rl.step import TrainState, grpo_step
+from jaxrl_geom.rl.step import RolloutBatch, TrainState, grpo_step
 from jaxrl_geom.rollout import Rollouts, collect_rollouts, encode_prompts, evaluate_rewards
 from jaxrl_geom.warmup import demonstration_batch, sft_step
 
 __all__ = [
+    "build_optimizer",
+    "build_policy",
     "collect_rollouts",
     "collect_rollouts_dynamic",
+    "demonstrations",
     "evaluate_rewards",
     "grpo_step",
+    "held_out_examples",
     "host_values",
     "sample_examples",
     "warmup_steps",
 ]
+
+# The held-out prompts come from their own stream, never from the training one (seed).
+_HELD_OUT_SEED_OFFSET = 1_000_003
+
+
+def build_policy(cfg: TrainConfig, *, tokenizer: Any, mesh: Mesh | None = None) -> nnx.Module:
+    """The policy of ``cfg.model``: a fresh tiny decoder (seeded with ``cfg.seed``, vocabulary
+    of ``tokenizer``) or, with ``model.path``, a Hugging Face checkpoint; placed on ``mesh``
+    (default: not sharded, on the default device)."""
+    if cfg.model.path:
+        return load_pretrained(cfg.model.path, mesh=mesh, dtype=cfg.model.dtype)
+    mc = ModelConfig.tiny(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=cfg.model.hidden_size,
+        num_hidden_layers=cfg.model.num_layers,
+        dtype=cfg.model.dtype,
+        remat=cfg.model.remat,
+    )
+    model = Decoder(mc, rngs=nnx.Rngs(cfg.seed))
+    return model if mesh is None else sharding.shard_model(model, mesh)
+
+
+def build_optimizer(cfg: TrainConfig, *, model_config: ModelConfig) -> optax.GradientTransformation:
+    """GRPO's optimizer from ``cfg.optim`` and ``cfg.longact``:
+    ``chain(clip_by_global_norm, adamw[, longact])``, LongAct the last link (SPEC section 3);
+    ``model_config`` gives LongAct the attention head layout."""
+    o = cfg.optim
+    links = [
+        optax.clip_by_global_norm(o.max_grad_norm),
+        optax.adamw(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
+    ]
+    if cfg.longact.enabled:
+        from jaxrl_geom.longact import longact
+
+        la = cfg.longact
+        links.append(
+            longact(
+                num_heads=model_config.num_attention_heads,
+                num_kv_heads=model_config.num_key_value_heads,
+                head_dim=model_config.head_dim,
+                keep_ratio=la.keep_ratio,
+                statistic=la.statistic,
+                scope=la.scope,
+                granularity=la.granularity,
+                refresh=la.refresh,
+            )
+        )
+    return optax.chain(*links)
+
+
+def held_out_examples(cfg: TrainConfig, *, task: Any) -> list[Any]:
+    """The run's ``cfg.eval_prompts`` held-out evaluation examples of ``task``, the same
+    in every process and for every run with this ``cfg.seed`` (their own random stream;
+    pass their prompts to :func:`sample_examples` as ``exclude``)."""
+    rng = np.random.default_rng(cfg.seed + _HELD_OUT_SEED_OFFSET)
+    return task.sample_prompts(rng, cfg.eval_prompts)
 
 
 def sample_examples(
@@ -76,6 +147,34 @@ def host_values(tree: Any) -> Any:
     return jax.tree.map(get, tree)
 
 
+def demonstrations(
+    examples: Sequence[Any],
+    *,
+    task: Any,
+    tokenizer: Any,
+    max_new_tokens: int,
+    mesh: Mesh | None = None,
+) -> RolloutBatch:
+    """``[prompt | task.demonstration + EOS]`` of each example, laid out like rollouts
+    (prompts left-padded to a common bucket, demonstrations right-padded to
+    ``max_new_tokens``, ``completion_mask`` on their tokens): the batch of one warm-up step.
+
+    ``examples`` is the global list (the same in every process); with ``mesh`` a process
+    encodes only its own rows and the batch is placed on the mesh.
+
+    Raises:
+      ValueError: a demonstration longer than ``max_new_tokens`` (EOS included).
+    """
+    ptok, pmask = encode_prompts(tokenizer, [e.prompt for e in examples])  # global bucket
+    rows = sharding.process_rows(len(examples), mesh)
+    comps = [
+        tokenizer.encode(task.demonstration(e), add_bos=False) + [tokenizer.eos_id]
+        for e in examples[rows]
+    ]
+    batch = demonstration_batch(ptok[rows], pmask[rows], comps, max_new_tokens, tokenizer.pad_id)
+    return batch if mesh is None else sharding.shard_batch(batch, mesh)
+
+
 def warmup_steps(
     state: TrainState,
     *,
@@ -88,33 +187,24 @@ def warmup_steps(
 ) -> tuple[TrainState, dict[str, float]]:
     """Supervised steps on ``task.demonstration`` of each batch of examples (+ EOS).
 
-    Each batch is the global list of B examples (the same in every process); a process
-    encodes and places only its own rows of it. Returns the state and the last step's
-    metrics (``sft/loss``, ``sft/grad_norm``). ``progress``: ``True`` for a tqdm bar,
-    or a tqdm-like object to ``update``.
+    Each batch is the global list of B examples (the same in every process), laid out by
+    :func:`demonstrations`. Returns the state and the last step's metrics (``sft/loss``,
+    ``sft/grad_norm``). ``progress``: ``True`` for a tqdm bar, or a tqdm-like object to
+    ``update`` (without one, steps are dispatched without waiting for each other).
     """
     bar = tqdm(desc="warm-up", disable=False) if progress is True else progress or None
-    metrics: dict[str, float] = {}
+    m: dict[str, Any] = {}
     for examples in batches:
-        ptok, pmask = encode_prompts(tokenizer, [e.prompt for e in examples])  # global bucket
-        rows = sharding.process_rows(len(examples), mesh)
-        comps = [
-            tokenizer.encode(task.demonstration(e), add_bos=False) + [tokenizer.eos_id]
-            for e in examples[rows]
-        ]
-        batch = demonstration_batch(
-            ptok[rows], pmask[rows], comps, max_new_tokens, tokenizer.pad_id
+        batch = demonstrations(
+            examples, task=task, tokenizer=tokenizer, max_new_tokens=max_new_tokens, mesh=mesh
         )
-        if mesh is not None:
-            batch = sharding.shard_batch(batch, mesh)
         state, m = sft_step(state, batch)
-        metrics = {k: float(v) for k, v in jax.device_get(m).items()}
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(sft_loss=f"{metrics['sft/loss']:.3f}")
+            bar.set_postfix(sft_loss=f"{float(m['sft/loss']):.3f}")
     if progress is True:
         bar.close()
-    return state, metrics
+    return state, {k: float(v) for k, v in jax.device_get(m).items()}
 
 
 def collect_rollouts_dynamic(

@@ -36,14 +36,17 @@ from jaxrl_geom import metrics as metrics_lib
 from jaxrl_geom.checkpoints import Checkpointer
 from jaxrl_geom.config import TrainConfig
 from jaxrl_geom.loop import (
+    build_optimizer,
+    build_policy,
     collect_rollouts,
     collect_rollouts_dynamic,
     evaluate_rewards,
+    held_out_examples,
     host_values,
     sample_examples,
     warmup_steps,
 )
-from jaxrl_geom.models import Decoder, ModelConfig, load_pretrained
+from jaxrl_geom.models import ModelConfig
 from jaxrl_geom.rl.step import TrainState, grpo_step, policy_logprobs
 from jaxrl_geom.rollout import Rollouts
 from jaxrl_geom.run_dir import (
@@ -69,47 +72,6 @@ class Run:
     model_config: ModelConfig
     eval_examples: list
     eval_prompts: set[str]
-
-
-def build_policy(cfg: TrainConfig, tokenizer: Any, mesh: jax.sharding.Mesh) -> nnx.Module:
-    """A fresh tiny model (from scratch) or an HF checkpoint, placed on ``mesh``."""
-    if cfg.model.path:
-        return load_pretrained(cfg.model.path, mesh=mesh, dtype=cfg.model.dtype)
-    mc = ModelConfig.tiny(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=cfg.model.hidden_size,
-        num_hidden_layers=cfg.model.num_layers,
-        dtype=cfg.model.dtype,
-        remat=cfg.model.remat,
-    )
-    model = Decoder(mc, rngs=nnx.Rngs(cfg.seed))
-    return sharding.shard_model(model, mesh)
-
-
-def build_optimizer(cfg: TrainConfig, model_config: ModelConfig) -> optax.GradientTransformation:
-    """``chain(clip, adamw[, longact])``: LongAct is the last link (SPEC section 3)."""
-    o = cfg.optim
-    links = [
-        optax.clip_by_global_norm(o.max_grad_norm),
-        optax.adamw(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
-    ]
-    if cfg.longact.enabled:
-        from jaxrl_geom.longact import longact
-
-        la = cfg.longact
-        links.append(
-            longact(
-                num_heads=model_config.num_attention_heads,
-                num_kv_heads=model_config.num_key_value_heads,
-                head_dim=model_config.head_dim,
-                keep_ratio=la.keep_ratio,
-                statistic=la.statistic,
-                scope=la.scope,
-                granularity=la.granularity,
-                refresh=la.refresh,
-            )
-        )
-    return optax.chain(*links)
 
 
 def evaluate(state_or_model: Any, run: Run, examples: list | None = None) -> dict[str, float]:
@@ -201,10 +163,8 @@ def prepare(cfg: TrainConfig) -> tuple[Run, nnx.Module, optax.GradientTransforma
                 f"{nproc} processes holding batch rows (each keeps whole groups of "
                 f"num_generations rollouts); choose a multiple of {nproc}."
             )
-    policy = build_policy(cfg, tokenizer, mesh)
-    eval_examples = task.sample_prompts(
-        np.random.default_rng(cfg.seed + 1_000_003), cfg.eval_prompts
-    )
+    policy = build_policy(cfg, tokenizer=tokenizer, mesh=mesh)
+    eval_examples = held_out_examples(cfg, task=task)
     longest = max(len(tokenizer.encode(e.prompt)) for e in eval_examples)
     limit = policy.config.max_position_embeddings
     if longest + cfg.sampling.max_new_tokens > limit:
@@ -242,7 +202,7 @@ def _grpo_optimizer(
     optim: Any, longact: Any, model_config: ModelConfig
 ) -> optax.GradientTransformation:
     cfg = TrainConfig(optim=optim, longact=longact)  # build_optimizer reads only these
-    return build_optimizer(cfg, model_config)
+    return build_optimizer(cfg, model_config=model_config)
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,5 +1,7 @@
 """The chunked LM head (log-probs, entropy) equals the whole-logits computation, alone
-and inside ``grpo_step`` / ``policy_logprobs`` (every loss type, KL, GSPO, temperature).
+and inside ``grpo_step`` / ``policy_logprobs`` (every loss type, KL, GSPO, temperature);
+the MLP run over token chunks (``ModelConfig.mlp_chunk_tokens``) equals whole rows
+(scanned, unrolled, sharded); the step's compiled temp memory is linear in ``T``.
 
 References: :func:`token_logprobs` / :func:`token_entropy` on whole ``[N, L, V]``
 logits (themselves checked against a float64 oracle in test_losses.py), and a
@@ -9,6 +11,7 @@ logits (themselves checked against a float64 oracle in test_losses.py), and a
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from tolerances import assert_f32_close, depth_ops
 
 from jaxrl_geom.models import Decoder, ModelConfig
 from jaxrl_geom.rl import abstract_rollout_batch, losses
@@ -28,6 +32,7 @@ from jaxrl_geom.rl.step import (
     grpo_step,
     policy_logprobs,
 )
+from jaxrl_geom.sharding import make_mesh, shard_batch, shard_model
 
 TOL = 1e-6  # relative to the largest magnitude: same float32 ops, reordered sums only
 
@@ -263,9 +268,10 @@ def step_temp_bytes(config: ModelConfig, t: int) -> int:
 
 
 def test_step_temp_memory_is_linear_in_sequence_length():
-    """Blockwise attention + chunked head + remat: doubling T at most doubles the step's
-    scratch memory (+10%); the XLA attention on the same model grows faster (the
-    [N, H, T, T] scores), which shows the measurement can tell the two apart."""
+    """Blockwise attention + chunked head + chunked MLP + remat: doubling T at most
+    doubles the step's scratch memory (+10%), and the MLP chunks hold less than whole
+    rows; the XLA attention on the same model grows faster (the [N, H, T, T] scores),
+    which shows the measurement can tell the two apart."""
     base = dataclasses.replace(
         ModelConfig.tiny(256, hidden_size=64, num_hidden_layers=1),  # compile time ~ layers
         remat=True,
@@ -273,10 +279,80 @@ def test_step_temp_memory_is_linear_in_sequence_length():
         logits_chunk_tokens=128,
         max_position_embeddings=4096,
     )
-    blockwise = dataclasses.replace(base, attention_impl="blockwise")
+    blockwise = dataclasses.replace(base, attention_impl="blockwise", mlp_chunk_tokens=256)
     temps = [step_temp_bytes(blockwise, t) for t in (512, 1024, 2048)]
     assert temps[1] / temps[0] <= 2.2 and temps[2] / temps[1] <= 2.2, temps
+    # MLP over 256-token chunks: at least two f32 [N, T, F] arrays fewer than whole rows
+    # (the CPU backend holds the SwiGLU tensors in f32; N = 2 rows of T - 1 positions).
+    whole = step_temp_bytes(dataclasses.replace(blockwise, mlp_chunk_tokens=None), 2048)
+    assert whole - temps[2] >= 2 * 2 * 2047 * base.intermediate_size * 4, (whole, temps[2])
     xla = dataclasses.replace(base, attention_impl="xla")
     quadratic = [step_temp_bytes(xla, t) for t in (1024, 2048)]
     assert quadratic[1] / quadratic[0] > 2.5, quadratic
     assert quadratic[1] > 2 * temps[2]
+
+
+# --------------------------------------------------------------------------- MLP chunks
+
+MLP_QWEN3 = ModelConfig(
+    model_type="qwen3",
+    vocab_size=48,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    qk_norm=True,
+    mlp_chunk_tokens=None,
+)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def decoder_logits_and_grads(graphdef, params, rest, tokens, positions, mask):
+    def loss(params):
+        logits, _ = nnx.merge(graphdef, params, rest)(tokens, positions, mask)
+        return jnp.sum(jnp.where(mask[..., None], logits, 0.0) ** 2) * 1e-3, logits
+
+    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return logits, grads
+
+
+@pytest.mark.parametrize("layout", ["unrolled", "scanned+remat+sharded"])
+def test_mlp_token_chunks_equal_whole_rows(layout):
+    """Decoder logits and parameter gradients with the MLP over chunks of 5 positions
+    (T = 13: two full chunks and a 3-token tail, left padding) equal the unchunked
+    model's: per-token math, only the weight gradients' sums over tokens regroup."""
+    scan, remat = layout != "unrolled", layout != "unrolled"
+    whole = dataclasses.replace(MLP_QWEN3, scan_layers=scan, remat=remat)
+    chunked = dataclasses.replace(whole, mlp_chunk_tokens=5)
+    lengths = np.array([13, 9, 4, 1, 13, 7, 2, 11])
+    t = int(lengths.max())
+    mask = np.arange(t)[None, :] >= t - lengths[:, None]
+    tokens = np.where(mask, np.random.default_rng(0).integers(0, 48, mask.shape), 0)
+    args = (
+        jnp.asarray(tokens, jnp.int32),
+        jnp.asarray(np.maximum(np.cumsum(mask, 1) - 1, 0), jnp.int32),
+        jnp.asarray(mask),
+    )
+    g, p, r = nnx.split(Decoder(whole, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    want_logits, want_grads = decoder_logits_and_grads(g, p, r, *args)
+    model = Decoder(chunked, rngs=nnx.Rngs(0))  # the same parameters
+    if layout.endswith("sharded"):  # rows over data x fsdp, F over tensor
+        mesh = make_mesh(data=2, fsdp=2, tensor=2)
+        shard_model(model, mesh)
+        args = shard_batch(args, mesh)
+    g, p, r = nnx.split(model, nnx.Param, ...)
+    logits, grads = decoder_logits_and_grads(g, p, r, *args)
+    ops = depth_ops(whole.num_hidden_layers)
+    scale = float(np.abs(np.asarray(want_logits)[mask]).max())
+    assert_f32_close(np.asarray(logits)[mask], np.asarray(want_logits)[mask], scale=scale, ops=ops)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        # weight gradients sum N T token terms: chunking regroups that sum
+        b = np.asarray(b)
+        assert_f32_close(a, b, scale=float(np.abs(b).max()), ops=ops + tokens.size)
+
+
+def test_mlp_chunk_config_is_checked():
+    with pytest.raises(ValueError, match="mlp_chunk_tokens"):
+        dataclasses.replace(MLP_QWEN3, mlp_chunk_tokens=0)

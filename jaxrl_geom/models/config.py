@@ -66,7 +66,8 @@ class ModelConfig:
     "xla" reference, "blockwise" O(T) memory, "cudnn" GPU, "auto") and
     ``attention_block_size`` its query/key block. The train step runs the LM head
     over ``logits_chunk_tokens`` positions at a time (its largest float32 array is
-    ``[logits_chunk_tokens, V]``); the sampler's prefill feeds the prompt
+    ``[logits_chunk_tokens, V]``), and each layer's MLP over ``mlp_chunk_tokens``
+    positions of every row at a time (``None``: whole rows); the sampler's prefill feeds the prompt
     ``prefill_chunk_tokens`` at a time. Token ids are carried only so that
     ``to_hf`` writes them back.
     """
@@ -94,6 +95,7 @@ class ModelConfig:
     attention_impl: Literal["xla", "blockwise", "cudnn", "auto"] = "auto"
     attention_block_size: int = 512
     logits_chunk_tokens: int = 1024
+    mlp_chunk_tokens: int | None = 1024
     prefill_chunk_tokens: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -146,6 +148,11 @@ class ModelConfig:
         if int(self.logits_chunk_tokens) < 1:
             raise ValueError(
                 f"ModelConfig.logits_chunk_tokens must be >= 1, got {self.logits_chunk_tokens}."
+            )
+        if self.mlp_chunk_tokens is not None and int(self.mlp_chunk_tokens) < 1:
+            raise ValueError(
+                f"ModelConfig.mlp_chunk_tokens must be >= 1 (or None: unchunked), got "
+                f"{self.mlp_chunk_tokens}."
             )
         if int(self.attention_block_size) < 1:
             raise ValueError(

@@ -158,7 +158,17 @@ class RMSNorm(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward (Shazeer, arXiv:2002.05202): ``down(silu(gate x) * up x)``."""
+    """SwiGLU feed-forward (Shazeer, arXiv:2002.05202): ``down(silu(gate x) * up x)``.
+
+    Per token, so it runs over the sequence in chunks of ``chunk`` positions
+    (``ModelConfig.mlp_chunk_tokens``) under ``lax.scan``; with ``ModelConfig.remat``
+    each chunk is under ``jax.checkpoint``, so forward and backward hold one chunk's
+    ``[B, chunk, F]`` tensors, not ``[B, T, F]`` (docs/MEMORY.md; without remat the
+    backward keeps every chunk's, as unchunked, and nothing is recomputed). The batch
+    axis (sharded over data/fsdp) and ``F`` (tensor) are untouched. Calls with at most ``chunk``
+    positions, or with a SALT Gram tap set (its per-sample Gram needs the whole
+    sequence in one call), run unchunked.
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, f = config.hidden_size, config.intermediate_size
@@ -166,9 +176,32 @@ class MLP(nnx.Module):
         self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
         self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
         self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
+        self.chunk = config.mlp_chunk_tokens
+        self.remat = config.remat
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, D]
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
+        t = x.shape[1]
+        tapped = any(p.gram_tap is not None for p in (self.gate_proj, self.up_proj, self.down_proj))
+        if self.chunk is None or t <= self.chunk or tapped:
+            return self.swiglu(x)
+        c, n = self.chunk, t // self.chunk
+        graphdef, state = nnx.split(self)
+
+        def one_chunk(state, xc):  # [B, c, D]
+            return nnx.merge(graphdef, state).swiglu(xc)
+
+        if self.remat:  # the backward recomputes one chunk at a time
+            one_chunk = jax.checkpoint(one_chunk)
+
+        xs = jnp.moveaxis(x[:, : n * c].reshape(x.shape[0], n, c, x.shape[2]), 1, 0)
+        _, ys = jax.lax.scan(lambda _, xc: (None, one_chunk(state, xc)), None, xs)
+        y = jnp.moveaxis(ys, 0, 1).reshape(x.shape[0], n * c, -1)  # [B, n c, D]
+        if n * c < t:  # the last t - n c positions
+            y = jnp.concatenate([y, one_chunk(state, x[:, n * c :])], axis=1)
+        return y
+
+    def swiglu(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D], unchunked
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 # --------------------------------------------------------------------------- RoPE

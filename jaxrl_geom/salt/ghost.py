@@ -60,6 +60,7 @@ from jaxrl_geom.salt.blocks import (
     _tied_block,
 )
 from jaxrl_geom.salt.gram import Scope, check_scope, in_scope, path_to_str, scale_gram
+from jaxrl_geom.salt.head_gram import HeadWeight, tied_head_gram
 
 BACKENDS: tuple[str, ...] = ("auto", "ghost", "tiled", "sketch")
 
@@ -233,6 +234,44 @@ def _tied_head_tap_bwd(spec, h, d_logits):
 _tied_head_tap.defvjp(_tied_head_tap_fwd, _tied_head_tap_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tied_lookup_chunk_tap(
+    spec: _TapSpec, y: jax.Array, tokens: jax.Array, probe: jax.Array, projections: tuple
+) -> tuple[jax.Array, tuple]:
+    """The lookup tap of a tied table whose head runs in chunks (``spec.last`` positions,
+    :func:`jaxrl_geom.salt.head.head_logprobs`): identity on ``y`` plus a zero carrier
+    ``(h [N, L, D], y, lse, g [N, L], table [V, D], tau)`` whose cotangent the head tap
+    sets (no ``[N, L, V]`` tensor; the table is the parameter itself)."""
+    del tokens, probe, projections
+    return y, _zero_chunk_carrier(spec, y)
+
+
+def _zero_chunk_carrier(spec: _TapSpec, y: jax.Array) -> tuple:
+    n, d = y.shape[0], y.shape[-1]
+    per_position = jnp.zeros((n, spec.last), jnp.float32)
+    h = jnp.zeros((n, spec.last, d), y.dtype)
+    table = jnp.zeros((spec.vocab_size, d), y.dtype)
+    return h, per_position, per_position, per_position, table, jnp.zeros((), jnp.float32)
+
+
+def _tied_lookup_chunk_tap_fwd(spec, y, tokens, probe, projections):
+    del probe
+    return (y, _zero_chunk_carrier(spec, y)), (tokens, projections)
+
+
+def _tied_lookup_chunk_tap_bwd(spec, residuals, cotangents):
+    tokens, projections = residuals
+    dy, (h, targets, lse, g, table, tau) = cotangents  # set by the chunked head tap
+    weight = HeadWeight(table, None, tied=True, dtype=table.dtype)
+    head = (h, targets.astype(jnp.int32), lse, g)
+    dy, gram = _gram_now(dy, tied_head_gram(spec, projections, weight, tokens, dy, head, tau))
+    zeros = jax.tree.map(jnp.zeros_like, projections)
+    return dy, _int_cotangent(tokens), gram, zeros
+
+
+_tied_lookup_chunk_tap.defvjp(_tied_lookup_chunk_tap_fwd, _tied_lookup_chunk_tap_bwd)
+
+
 # ----------------------------------------------------------------------------------------
 # Tap modules (set as ``gram_tap`` of Linear / Embedding / RMSNorm)
 # ----------------------------------------------------------------------------------------
@@ -296,9 +335,8 @@ class EmbeddingTap(_Tap):
         _record_call(self.spec.path)
         if not self.spec.tied:
             return _lookup_tap(self.spec, y, tokens, self.probe[...])
-        y, self.carrier = _tied_lookup_tap(
-            self.spec, y, tokens, self.probe[...], self.projections()
-        )
+        lookup = _tied_lookup_chunk_tap if self.spec.last else _tied_lookup_tap
+        y, self.carrier = lookup(self.spec, y, tokens, self.probe[...], self.projections())
         return y
 
     def attend(self, logits: jax.Array, h: jax.Array) -> jax.Array:
@@ -306,6 +344,12 @@ class EmbeddingTap(_Tap):
             raise ValueError(
                 f"Embedding {self.spec.path!r} was tapped as untied but attend() was called: "
                 "pass tied_embeddings=True to attach_gram_taps for a tied LM head."
+            )
+        if self.spec.last:
+            raise ValueError(
+                f"The tied head of {self.spec.path!r} was tapped for SALT's chunked head "
+                "(head_positions > 0): run it through jaxrl_geom.salt.head.head_logprobs, or "
+                "attach the taps with head_positions=0 for a full-logits attend()."
             )
         if self.spec.keep:
             return self._keep("head", logits, h)
@@ -364,8 +408,10 @@ def attach_gram_taps(
       keep: book-keeping taps on EVERY op (the update needs them all; ``scope`` still
         selects the Gram): each sows its input as :class:`KeptX` and adds a
         :class:`KeptD` probe (set by :func:`set_kept_d_probes`) whose gradient is ``D``.
-      head_positions: only the last ``head_positions`` positions of the LM head carry a
-        gradient (the completion); its Gram block skips the rest. 0: all positions.
+      head_positions: ``L > 0``: the LM head runs only at the last ``L`` positions (the
+        completion), in chunks, through :func:`jaxrl_geom.salt.head.head_logprobs`, and
+        its Gram comes from per-position statistics (a tied table's ``attend`` then
+        raises). 0: the head is tapped at every position of ``model(...)``.
 
     Returns:
       the sorted parameter paths that enter the Gram.

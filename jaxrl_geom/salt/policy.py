@@ -51,6 +51,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -58,7 +59,6 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxrl_geom.models import taps
-from jaxrl_geom.rl import logprobs as lp
 from jaxrl_geom.rl import losses
 from jaxrl_geom.rl.step import (
     Gradients,
@@ -66,7 +66,7 @@ from jaxrl_geom.rl.step import (
     RolloutBatch,
     accumulate_micro_batches,
     combine_micro_batch_stats,
-    completion_logits,
+    completion_hidden,
     global_denominators,
     loss_and_metrics,
     merge_metrics,
@@ -84,6 +84,7 @@ from jaxrl_geom.salt.ghost import (
     split_tapped,
     tap_calls,
 )
+from jaxrl_geom.salt.head import head_logprobs
 from jaxrl_geom.salt.reweight import SaltDiagnostics, SaltKnobs, _Knobs, reweight
 
 #: Diagnostics logged as ``salt/<name>`` metrics.
@@ -128,17 +129,16 @@ def _surrogate(
     mask = batch.completion_mask
     types = (nnx.Intermediate,) * config.capture_activations + (KeptX,) * keep
     stats = kept = None
+    policy = functools.partial(_completion_logprobs, temperature=config.temperature)
     if types:
         if config.capture_activations:
             taps.set_qk_capture(model, True)
-        logits, *states = nnx.capture(completion_logits, *types)(model, batch)  # [n, L, V]
+        (logp, entropy), *states = nnx.capture(policy, *types)(model, batch)  # [n, L] each
         if config.capture_activations:
             stats = taps.collect_qk_stats(states[0])
         kept = states[-1] if keep else None
     else:
-        logits = completion_logits(model, batch)  # [n, L, V]
-    targets = batch.tokens[:, -mask.shape[1] :]  # [n, L]
-    logp = lp.token_logprobs(logits, targets, config.temperature)  # [n, L]
+        logp, entropy = policy(model, batch)  # [n, L] each
     weights = losses.token_weights(
         mask,
         config.loss_type,
@@ -161,13 +161,21 @@ def _surrogate(
     # The plain clipped loss and its metrics, as values (what grpo_step reports).
     loss, metrics = loss_and_metrics(
         jax.lax.stop_gradient(logp),
-        lp.token_entropy(jax.lax.stop_gradient(logits), config.temperature),
+        entropy,
         batch,
         config,
         num_sequences=num_sequences,
         num_tokens=num_tokens,
     )
     return per_row, kl_term, _Aux(loss, metrics, stats, active, kept)
+
+
+def _completion_logprobs(model: nnx.Module, batch: RolloutBatch, temperature: float):
+    """``(log pi, entropy)`` ``[n, L]`` of the completion tokens: the trunk, then the LM
+    head at the completion positions only, in the plain step's chunks, tapped
+    (:func:`jaxrl_geom.salt.head.head_logprobs`)."""
+    targets = batch.tokens[:, -batch.completion_mask.shape[1] :]  # [n, L]
+    return head_logprobs(model, completion_hidden(model, batch), targets, temperature)
 
 
 def salt_metrics(diagnostics: SaltDiagnostics) -> dict[str, jax.Array]:
@@ -321,7 +329,8 @@ def _bookkeeping(
         kept, d_pol, d_kl = merge_micro_batches((kept, d_pol, d_kl))
     xs = bk.kept_by_module(kept)
     d_pol = bk.kept_by_module(d_pol)
-    gram = bk.gram_from_kept(tapped, xs, d_pol)
+    head = bk.HeadOptions(config.temperature, tapped.config.logits_chunk_tokens)
+    gram = bk.gram_from_kept(tapped, xs, d_pol, head=head)
     a_new, diagnostics = reweight(gram, batch.advantages, batch.group_ids, knobs)
 
     def weigh(d, *extra):
@@ -333,7 +342,7 @@ def _bookkeeping(
         weighted = jax.tree.map(weigh, d_pol)
     else:
         weighted = jax.tree.map(weigh, d_pol, bk.kept_by_module(d_kl))
-    grads = bk.grads_from_kept(tapped, params, xs, weighted)
+    grads = bk.grads_from_kept(tapped, params, xs, weighted, head=head)
     metrics = {**metrics, **salt_metrics(diagnostics)}
     return Gradients(loss=loss, grads=grads, metrics=metrics, activation_stats=stats)
 

@@ -104,7 +104,7 @@ def gram_from_kept(
             continue
         proj = tap.projections()
         if salt_head.is_kept_head(x):
-            block = salt_head.kept_head_gram(module, tap, x, d, head.temperature)
+            block = salt_head.kept_head_gram(module, tap, x, d, *head)
         elif isinstance(tap, DenseTap):
             block = _dense_block(x["main"], d["d_main"], spec, proj, weight=spec.weight)
         elif isinstance(tap, ScaleTap):

@@ -262,7 +262,7 @@ def _tied_lookup_chunk_tap_fwd(spec, y, tokens, probe, projections):
 def _tied_lookup_chunk_tap_bwd(spec, residuals, cotangents):
     tokens, projections = residuals
     dy, (h, targets, lse, g, table, tau) = cotangents  # set by the chunked head tap
-    weight = HeadWeight(table, None, tied=True, dtype=table.dtype)
+    weight = HeadWeight(table, None, tied=True, dtype=table.dtype, chunk_tokens=spec.chunk_tokens)
     head = (h, targets.astype(jnp.int32), lse, g)
     dy, gram = _gram_now(dy, tied_head_gram(spec, projections, weight, tokens, dy, head, tau))
     zeros = jax.tree.map(jnp.zeros_like, projections)
@@ -430,6 +430,7 @@ def attach_gram_taps(
     if backend == "sketch" and not (isinstance(sketch_dim, int) and sketch_dim >= 1):
         raise ValueError(f"sketch_dim must be a positive int; got {sketch_dim!r}.")
     spec = functools.partial(_TapSpec, backend=backend, keep=keep)
+    chunk_tokens = getattr(getattr(model, "config", None), "logits_chunk_tokens", 1024)
     head = getattr(model, "lm_head", None)
     covered: list[str] = []
     sketched: list[tuple[_Tap, int, int]] = []  # (tap, d_in, d_out) of sketched dense blocks
@@ -443,7 +444,9 @@ def attach_gram_taps(
             covered += [_join(path, "kernel")] * kernel + [_join(path, "bias")] * bias
             if kernel or bias or keep:
                 last = head_positions if module is head else 0
-                tap_spec = spec(path=prefix, weight=kernel, bias=bias, last=last)
+                tap_spec = spec(
+                    path=prefix, weight=kernel, bias=bias, last=last, chunk_tokens=chunk_tokens
+                )
                 module.gram_tap = DenseTap(num_rows, tap_spec)
                 if kernel:
                     sketched.append((module.gram_tap, *module.kernel.shape))
@@ -458,6 +461,7 @@ def attach_gram_taps(
                     vocab_size=module.embedding.shape[0],
                     tied=tied_embeddings,
                     last=head_positions if tied_embeddings else 0,
+                    chunk_tokens=chunk_tokens,
                 )
                 module.gram_tap = EmbeddingTap(num_rows, table)
                 if tied_embeddings and selected:  # the table as a dense block [D, V]

@@ -42,12 +42,13 @@ def head_module(model: nnx.Module) -> nnx.Module:
     return model.embed_tokens if head is None else head
 
 
-def head_weight(module: nnx.Module) -> HeadWeight:
+def head_weight(module: nnx.Module, chunk_tokens: int) -> HeadWeight:
     """The head weight as the forward uses it (kernel + bias, or the tied table)."""
+    kw = dict(dtype=module.dtype, chunk_tokens=chunk_tokens)
     if isinstance(module, Embedding):
-        return HeadWeight(module.embedding[...], None, tied=True, dtype=module.dtype)
+        return HeadWeight(module.embedding[...], None, tied=True, **kw)
     bias = None if module.bias is None else module.bias[...]
-    return HeadWeight(module.kernel[...], bias, tied=False, dtype=module.dtype)
+    return HeadWeight(module.kernel[...], bias, tied=False, **kw)
 
 
 @contextlib.contextmanager
@@ -83,7 +84,7 @@ def head_logprobs(
         tap.sow(KeptX, f"{slot}_lse", lse)
         tap.sow(KeptX, f"{slot}_targets", targets)
         return logp, entropy
-    weight = head_weight(module)
+    weight = head_weight(module, chunk)
     if tied:
         carrier = tap.carrier
         if carrier is None or len(carrier) != 6 or carrier[0].shape[:2] != targets.shape:
@@ -99,7 +100,7 @@ def head_logprobs(
         tap.carrier = None
         return logp, entropy
     _record_call(spec.path)
-    head_spec = (spec, float(temperature), jnp.dtype(weight.dtype).name)  # static, hashable
+    head_spec = (spec, float(temperature), weight.dtype.name)  # static, hashable
     w, b = weight.w, weight.bias
     logp = _head_tap(head_spec, logp, hidden, targets, lse, w, b, tap.probe[...], tap.projections())
     return logp, entropy
@@ -126,7 +127,7 @@ def _head_tap_fwd(hspec, logp, h, targets, lse, w, b, probe, projections):
 def _head_tap_bwd(hspec, residuals, g):
     spec, temperature, dtype = hspec
     h, targets, lse, w, b, projections = residuals
-    weight = HeadWeight(w, b, tied=False, dtype=dtype)
+    weight = HeadWeight(w, b, tied=False, dtype=dtype, chunk_tokens=spec.chunk_tokens)
     head = (h, targets, lse, g.astype(jnp.float32))
     g, gram = _gram_now(g, dense_head_gram(spec, projections, weight, head, temperature))
     zeros = jax.tree.map(jnp.zeros_like, (h, lse, w, b, projections))
@@ -173,10 +174,10 @@ def _kept_head(x: dict, d: dict, slot: str) -> tuple[jax.Array, ...]:
 
 
 def kept_head_gram(
-    module: nnx.Module, tap: _Tap, x: dict, d: dict, temperature: float
+    module: nnx.Module, tap: _Tap, x: dict, d: dict, temperature: float, chunk_tokens: int
 ) -> jax.Array:
     """The head's Gram block (a tied table's: lookup + head) from kept statistics."""
-    weight = head_weight(module)
+    weight = head_weight(module, chunk_tokens)
     if tap.spec.tied:
         head = _kept_head(x, d, "head")
         return tied_head_gram(
@@ -192,7 +193,7 @@ def kept_head_grads(
 ) -> tuple[jax.Array, jax.Array | None]:
     """The head's weight (and bias) gradient for the kept ``g`` (already weighted), as the
     vjp of the chunked head itself: ``[D, V]`` kernel or ``[V, D]`` table part, bias ``[V]``."""
-    weight = head_weight(module)
+    weight = head_weight(module, chunk_tokens)
     slot = "head" if weight.tied else "main"
     h, targets, _, g = _kept_head(x, d, slot)
     vocab = weight.vocab

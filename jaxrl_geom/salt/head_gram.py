@@ -36,18 +36,22 @@ from jaxrl_geom.salt.table import lookup_cost
 
 #: Elements of one ``[N, D, tile]`` per-sample head-gradient tile (256 MiB of float32).
 _TILE_ELEMENTS = 1 << 26
-#: Elements of one ``[N, c, tile]`` recomputed cotangent tile (64 MiB of float32).
+#: Elements of one ``[N L, tile]`` cotangent tile of the ghost form (64 MiB of float32).
 _CHUNK_ELEMENTS = 1 << 24
+#: Smallest vocabulary tile of the tiled and sketched forms (MXU / vector width).
+_MIN_TILE = 128
 #: Largest ``(N L)^2`` for which ``auto`` takes the ghost form (its ``[N L, N L]`` matrices).
 _GHOST_PAIRS = 1 << 24
 
 
 class HeadWeight:
-    """The head's weight as the forward uses it: ``kernel [D, V]`` (+ ``bias [V]``) of an
-    untied ``Linear``, or the tied ``table [V, D]``; ``dtype`` the head's compute dtype."""
+    """The head as the forward runs it: ``kernel [D, V]`` (+ ``bias [V]``) of an untied
+    ``Linear``, or the tied ``table [V, D]``; ``dtype`` its compute dtype; ``chunk_tokens``
+    the logits' chunk (``ModelConfig.logits_chunk_tokens``), which the forms here reuse."""
 
-    def __init__(self, w: jax.Array, bias: jax.Array | None, *, tied: bool, dtype):
+    def __init__(self, w, bias, *, tied: bool, dtype, chunk_tokens: int = 1024):
         self.w, self.bias, self.tied, self.dtype = w, bias, tied, jnp.dtype(dtype)
+        self.chunk_tokens = int(chunk_tokens)
 
     @property
     def vocab(self) -> int:
@@ -83,11 +87,13 @@ def _d_tile(weight, h, y, lse, g, k, tile, temperature):
     return jnp.where(cols >= k * tile, d, 0.0), start, cols
 
 
-def _plan(n: int, length: int, width: int, vocab: int) -> tuple[int, int, int]:
-    """``(tile, chunk, tiles)``: ``[N, width, tile]`` within ``_TILE_ELEMENTS`` and
-    ``[N, chunk, tile]`` within ``_CHUNK_ELEMENTS``."""
-    tile = min(vocab, max(128, _TILE_ELEMENTS // max(1, n * width)))
-    chunk = max(1, min(length, _CHUNK_ELEMENTS // (n * tile)))
+def _plan(n: int, length: int, width: int, vocab: int, chunk_tokens: int) -> tuple[int, ...]:
+    """``(tile, chunk, tiles)``: the logits' chunks of ``chunk_tokens // N`` positions (as
+    :func:`jaxrl_geom.rl.logprobs.chunked_logprobs`), tiles with ``[N, width, tile]``
+    within ``_TILE_ELEMENTS``: no tile is larger than one ``[N, chunk, V]`` logits chunk
+    or the per-sample gradient budget."""
+    chunk = max(1, min(length, chunk_tokens // max(n, 1)))
+    tile = min(vocab, max(_MIN_TILE, _TILE_ELEMENTS // max(1, n * max(width, chunk))))
     return tile, chunk, -(-vocab // tile)
 
 
@@ -106,7 +112,7 @@ def _tile_loop(weight, h, y, lse, g, temperature, width, body, init):
     """``carry = body(carry, k, start, cols, acc)`` per vocabulary tile ``k``, where ``acc``
     is ``(sum over position chunks of h^T D [N, D, tile], sum_t D [N, tile])``."""
     n, length, dim = h.shape
-    tile, chunk, tiles = _plan(n, length, max(width, dim), weight.vocab)
+    tile, chunk, tiles = _plan(n, length, max(width, dim), weight.vocab, weight.chunk_tokens)
     low = _low(h)
     parts = _chunks(chunk, h, y, lse, g)
 
@@ -181,7 +187,7 @@ def head_sketch_features(weight, h, y, lse, g, temperature, r_in, r_out) -> jax.
     summed over vocabulary tiles one position chunk at a time."""
     n, length, dim = h.shape
     k_out = r_out.shape[1]
-    tile, chunk, tiles = _plan(n, length, k_out, weight.vocab)
+    tile, chunk, tiles = _plan(n, length, k_out, weight.vocab, weight.chunk_tokens)
     low = _low(h)
     xs = _mm("itd,dk->itk", h, r_in.astype(h.dtype))  # [N, L, k_in]
 
@@ -291,14 +297,16 @@ def tied_cross_from_stats(
     return jax.lax.map(column, jnp.arange(n)).T
 
 
-def tied_head_costs(n: int, t: int, length: int, dim: int, vocab: int) -> dict[str, int]:
+def tied_head_costs(
+    n: int, t: int, length: int, dim: int, vocab: int, chunk_tokens: int = 1024
+) -> dict[str, int]:
     """FLOPs of a tied table's Gram with the chunked head: ``split`` (cheaper lookup form +
     cheaper head form + cross ``4 N^2 T L D``) vs ``tiled`` (whole table, one lookup
     scatter of ``N T D`` per vocabulary tile)."""
     n, t, length, dim, vocab = int(n), int(t), int(length), int(dim), int(vocab)
     head = min(head_costs(n, length, dim, vocab).values())
     split = min(lookup_cost(n, t, dim, vocab).values()) + head + 4 * n * n * t * length * dim
-    tiles = _plan(n, length, dim, vocab)[2]
+    tiles = _plan(n, length, dim, vocab, chunk_tokens)[2]
     tiled = 4 * n * length * dim * vocab + 2 * n * n * dim * vocab + tiles * n * t * dim
     return {"split": split, "tiled": tiled}
 
@@ -325,7 +333,7 @@ def tied_head_gram(
         de, rows = _common(d_lookup, rows)
         lookup = _mm("itk,itl->ikl", _mm("itd,dk->itk", de, r_in.astype(de.dtype)), rows)
         return _flat_gram(psi + lookup)
-    cost = tied_head_costs(*tokens.shape, h.shape[1], h.shape[2], weight.vocab)
+    cost = tied_head_costs(*tokens.shape, *h.shape[1:], weight.vocab, weight.chunk_tokens)
     if spec.backend == "tiled" or (spec.backend == "auto" and cost["tiled"] < cost["split"]):
         return tied_tiled_head_gram(weight, tokens, d_lookup, h, y, lse, g, temperature)
     cross = tied_cross_from_stats(weight, tokens, d_lookup, h, y, lse, g, temperature)

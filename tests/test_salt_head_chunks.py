@@ -114,7 +114,7 @@ def make_batch(policy, temperature, seed=0):
 
 # --------------------------------------------------------------------------- Gram block
 
-BACKENDS = ("ghost", "tiled", "sketch", "auto")
+BACKENDS = ("ghost", "tiled", "sketch")  # "auto" picks one of them (the step tests use it)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -223,7 +223,7 @@ GSPO_KL_MICRO = GrpoConfig(
     loss_type="dr_grpo", importance_sampling_level="sequence", beta=0.04, num_micro_batches=2
 )
 CASES = {  # (model, GRPO config, backend, scope, budgets)
-    "untied-ghost-token-kl": (UNTIED, TOKEN_KL, "ghost", None, (KEEP, RECOMPUTE)),
+    "untied-ghost-token-kl": (UNTIED, TOKEN_KL, "ghost", None, (KEEP,)),
     "untied-tiled-gspo-kl-micro": (UNTIED, GSPO_KL_MICRO, "tiled", r"mlp|lm_head", (RECOMPUTE,)),
     "tied-auto-gspo-kl-micro": (TIED, GSPO_KL_MICRO, "auto", None, (KEEP, RECOMPUTE)),
 }
@@ -241,19 +241,6 @@ def test_salt_step_with_chunked_head_equals_the_unchunked_reference(case):
         err = rel_err(grads, reference)
         print(f"{case} budget={budget}: rel err {err:.2e}")
         assert err < UPDATE_RTOL, (budget, err)
-
-
-def test_sketched_head_both_paths_agree():
-    """The sketch is no exact Gram (its block is checked against today's taps above):
-    book-keeping and recompute draw the same projections and give the same update."""
-    policy = make_policy(TIED)
-    batch = make_batch(policy, 1.0, seed=3)
-    out = [
-        run_step(policy, batch, GSPO_KL_MICRO, SaltConfig(KNOBS, backend="sketch", sketch_dim=8,
-                                                          keep_budget_gib=budget))
-        for budget in (KEEP, RECOMPUTE)
-    ]  # fmt: skip
-    assert rel_err(out[0], out[1]) < UPDATE_RTOL
 
 
 # --------------------------------------------------------------------------- memory
@@ -279,10 +266,11 @@ def salt_step_temp_bytes(vocab: int, t: int, budget: float) -> int:
 
 @pytest.mark.parametrize("budget", [KEEP, RECOMPUTE], ids=["bookkeeping", "recompute"])
 def test_salt_step_holds_no_whole_logits(budget):
-    """Doubling V adds far less than one [N, T, V] float32 tensor of the added columns
-    to the step's scratch memory (the unchunked head added about three)."""
-    n, t, v = 4, 512, 4096
-    small, large = (salt_step_temp_bytes(vocab, t, budget) for vocab in (v, 2 * v))
-    logits = n * t * v * 4  # one [N, T, V_added] float32 tensor
-    print(f"budget={budget}: temp {small / 2**20:.1f} -> {large / 2**20:.1f} MiB")
-    assert large - small < 0.25 * logits, (small, large, logits)
+    """The step's scratch memory stays below half of ONE [N, T, V] float32 tensor; the
+    unchunked head held the logits and their cotangent: 181 MiB (book-keeping) and
+    167 MiB (recompute) against the 64 MiB tensor, on this CPU compiler."""
+    n, t, v = 4, 512, 8192
+    temp = salt_step_temp_bytes(v, t, budget)
+    logits = n * t * v * 4
+    print(f"budget={budget}: temp {temp / 2**20:.1f} MiB, [N, T, V] f32 {logits / 2**20:.0f} MiB")
+    assert temp < 0.5 * logits, (temp, logits)

@@ -35,7 +35,9 @@ compute exactly in closed form (our derivation):
 The head's ``(h, D^logits)`` reach the lookup's backward rule through a *carrier*: a
 zero output of the lookup tap that the head tap takes as input and whose cotangent
 it sets to ``(h, D^logits)``. This holds one ``[N, T, V]`` float32 tensor (the size
-of the logits) through the backward of the trunk.
+of the logits) through the backward of the trunk. SALT's step runs the head in chunks
+instead (``head_positions > 0``, :mod:`jaxrl_geom.salt.head`): its carrier holds
+``(h, y, lse, g)`` of the completion positions and the table, never ``[N, T, V]``.
 """
 
 from __future__ import annotations

@@ -21,8 +21,10 @@ at a time from the head input ``h [N, L, D]``, the weight, ``y``, ``lse`` and ``
   through the cross term ``C_ij = sum_ts <D^emb_it, h_js> D_js[tok_it]``, whose
   ``D_js[tok_it]`` needs only the logits at the looked-up tokens.
 
-Memory: ``[N, D, tile]`` and ``[N, c, tile]`` float32 tiles (256 / 64 MiB budgets), never
-the head's ``[N, L, V]`` logits or cotangent. Cost model: docs/MEMORY.md (SALT).
+Memory: ``[N, c, tile]`` cotangent tiles (``c`` positions: the logits' own chunks, so
+never more than one ``[N, c, V]`` logits chunk) and ``[N, D, tile]`` gradient tiles
+(256 MiB budget), never the head's ``[N, L, V]`` logits or cotangent. ``backend="auto"``
+picks by the FLOP counts of :func:`head_costs` / :func:`tied_head_costs`.
 """
 
 from __future__ import annotations

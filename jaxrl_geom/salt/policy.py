@@ -39,6 +39,10 @@ term adds ``2P`` to book-keeping (its ``D`` chain). Gram blocks: ``tiled`` about
 ``(T + N) / 3T`` of a plain step, ``sketch`` a few percent, ``ghost``
 ``N T (d_in + d_out) / 3 d_in d_out`` (only for short rows).
 
+The LM head runs only at the completion positions, in the plain step's chunks
+(:mod:`jaxrl_geom.salt.head`): its Gram block and book-keeping use the kept
+``(h, y, lse, g)`` per position, never the ``[N, L, V]`` logits or their cotangent.
+
 ``gamma_max=0`` without re-centering gives ``a' = a`` bit for bit; the update is then
 computed by the very code of the plain step, so the new parameters are identical
 to ``grpo_step`` without ``salt`` while the ``salt/*`` geometry metrics are logged.

@@ -44,6 +44,7 @@ _CHUNK_ELEMENTS = 1 << 24
 _MIN_TILE = 128
 #: Largest ``(N L)^2`` for which ``auto`` takes the ghost form (its ``[N L, N L]`` matrices).
 _GHOST_PAIRS = 1 << 24
+_NO = 2**62  # the cost of a form that does not fit
 
 
 class HeadWeight:
@@ -216,13 +217,15 @@ def head_costs(n: int, length: int, dim: int, vocab: int) -> dict[str, int]:
     rows = n * length
     ghost = 2 * rows * dim * vocab + 2 * rows * rows * (vocab + dim)
     tiled = 4 * rows * dim * vocab + 2 * n * n * dim * vocab
-    return {"ghost": ghost if rows * rows <= _GHOST_PAIRS else 2**62, "tiled": tiled}
+    return {"ghost": ghost if rows * rows <= _GHOST_PAIRS else _NO, "tiled": tiled}
 
 
 def head_gram(weight, h, y, lse, g, temperature, backend: str, *, bias=False) -> jax.Array:
-    """Exact head Gram by ``backend`` (``"auto"``: the cheaper of :func:`head_costs`)."""
-    if backend == "auto":
-        cost = head_costs(*h.shape, weight.vocab)
+    """Exact head Gram by ``backend`` (``"auto"``: the cheaper of :func:`head_costs`).
+    ``"ghost"`` beyond ``_GHOST_PAIRS`` takes the tiled form (the same value): its
+    ``[N L, N L]`` matrices would not fit."""
+    cost = head_costs(*h.shape, weight.vocab)
+    if backend == "auto" or (backend == "ghost" and cost["ghost"] == _NO):
         backend = "ghost" if cost["ghost"] < cost["tiled"] else "tiled"
     if backend == "ghost":
         return head_ghost_gram(weight, h, y, lse, g, temperature, bias=bias)

@@ -7,7 +7,7 @@ activations, gradients and transients live; ``args``: params + AdamW state + bat
 the first-call compile time, and :func:`predict`'s figures for the same shapes.
 
 Variants: ``plain`` GRPO; ``longact`` (q/k capture + ``longact()`` link);
-``salt`` (``salt_estimator(SaltConfig())``; needs unrolled layers, so compiled unscanned);
+``salt`` (``salt_estimator(SaltConfig())``, scanned layers, the LM head in chunks);
 ``unrolled`` (plain with ``scan_layers=False``: the compile-time comparison);
 ``micro2``, ``micro4`` (plain with ``GrpoConfig(num_micro_batches=2 / 4)``: the same
 update, N split into micro-batches whose gradients are accumulated).
@@ -180,7 +180,7 @@ def compile_step(config: ModelConfig, variant: str, n: int, t: int, completion: 
         salt = salt_estimator(SaltConfig())
     if variant.startswith("micro"):  # micro<m>: plain with num_micro_batches=m
         grpo = GrpoConfig(num_micro_batches=int(variant[5:]))
-    if variant in ("salt", "unrolled"):
+    if variant == "unrolled":
         config = dataclasses.replace(config, scan_layers=False)
     tx = optax.chain(*links) if len(links) > 1 else links[0]
     state = jax.eval_shape(lambda: TrainState.create(Decoder(config, rngs=nnx.Rngs(0)), tx))

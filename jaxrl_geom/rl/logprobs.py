@@ -145,6 +145,25 @@ def chunked_logprobs(
       temperature: sampling temperature ``tau > 0``.
       chunk_tokens: positions per chunk over the whole batch (``N * c``).
     """
+    return _chunked_head(head, hidden, targets, temperature, chunk_tokens, with_lse=False)
+
+
+def chunked_logprobs_lse(
+    head: Callable[[jax.Array], jax.Array],
+    hidden: jax.Array,  # [N, L, D]
+    targets: jax.Array,  # int32 [N, L]
+    temperature: float = 1.0,
+    *,
+    chunk_tokens: int = 1024,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # f32 [N, L] log-probs, entropy, lse (no grad)
+    """:func:`chunked_logprobs` plus ``lse_t = logsumexp_v z_tv`` ``[N, L]`` (no gradient),
+    from the same chunks. With ``lse`` the logits' cotangent at any position can be
+    recomputed from the hidden state alone: ``dL/dz_t = g_t (e_{y_t} - exp(z_t - lse_t))``
+    for ``g = dL/dlog pi`` (SALT's chunked head Gram, :mod:`jaxrl_geom.salt.head`)."""
+    return _chunked_head(head, hidden, targets, temperature, chunk_tokens, with_lse=True)
+
+
+def _chunked_head(head, hidden, targets, temperature, chunk_tokens, *, with_lse):
     _check_temperature(temperature)
     n, length = targets.shape
     if hidden.shape[:2] != (n, length):
@@ -163,18 +182,18 @@ def chunked_logprobs(
         return jnp.swapaxes(x.reshape(n, nc, c, *x.shape[2:]), 0, 1)
 
     @jax.checkpoint
-    def one_chunk(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def one_chunk(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
         h_c, y_c = args  # [N, c, D], [N, c]
         z = head(h_c).astype(jnp.float32) / temperature  # [N, c, V]
         lse = jax.nn.logsumexp(z, axis=-1)  # [N, c]
         picked = jnp.take_along_axis(z, y_c[..., None].astype(jnp.int32), axis=-1)[..., 0]
         zs, lse_s = jax.lax.stop_gradient(z), jax.lax.stop_gradient(lse)
         entropy = _entropy(zs, lse_s)
-        return picked - lse, entropy
+        return (picked - lse, entropy, lse_s) if with_lse else (picked - lse, entropy)
 
-    logp, entropy = jax.lax.map(one_chunk, (chunks(hidden), chunks(targets)))  # [nc, N, c]
+    out = jax.lax.map(one_chunk, (chunks(hidden), chunks(targets)))  # each [nc, N, c]
 
     def unchunk(x: jax.Array) -> jax.Array:
         return jnp.swapaxes(x, 0, 1).reshape(n, nc * c)[:, :length]
 
-    return unchunk(logp), unchunk(entropy)
+    return tuple(unchunk(x) for x in out)

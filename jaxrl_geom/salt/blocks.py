@@ -45,6 +45,7 @@ class _TapSpec:
     tied: bool = False  # Embedding only: the table is also the LM head
     keep: bool = False  # book-keeping: sow X and add a KeptD probe instead of a Gram tap
     last: int = 0  # LM head: only the last `last` positions carry a gradient (0: all)
+    chunk_tokens: int = 1024  # LM head run by salt.head: ModelConfig.logits_chunk_tokens
 
 
 # ----------------------------------------------------------------------------------------

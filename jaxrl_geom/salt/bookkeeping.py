@@ -18,7 +18,7 @@ scatter-add of ``D`` at the token ids, plus ``h^T D^logits`` for a tied head).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +26,22 @@ from flax import nnx
 
 from jaxrl_geom.param_paths import path_to_str
 from jaxrl_geom.rl.step import merge_micro_batches
+from jaxrl_geom.salt import head as salt_head
 from jaxrl_geom.salt.blocks import _dense_block, _last, _lookup_gram, _tied_block
 from jaxrl_geom.salt.ghost import DenseTap, EmbeddingTap, KeptD, ScaleTap, _Tap
 from jaxrl_geom.salt.gram import _mm, scale_gram
 
 Kept = dict[str, dict[str, jax.Array]]  # module path -> slot ("main" | "head") -> array
+
+
+class HeadOptions(NamedTuple):
+    """How the LM head ran (:mod:`jaxrl_geom.salt.head`): its kept statistics need these."""
+
+    temperature: float = 1.0
+    chunk_tokens: int = 1024
+
+
+_HEAD = HeadOptions()
 
 
 def tapped_modules(model: nnx.Module) -> dict[str, tuple[nnx.Module, _Tap]]:
@@ -83,18 +94,23 @@ def kept_bytes(outputs: Kept, num_d: int) -> int:
     return total
 
 
-def gram_from_kept(model: nnx.Module, xs: Kept, ds: Kept) -> jax.Array:
-    """``K`` over the in-scope ops, from kept inputs ``xs`` and cotangents ``ds``.
+def gram_from_kept(
+    model: nnx.Module, xs: Kept, ds: Kept, *, head: HeadOptions = _HEAD
+) -> jax.Array:
+    """``K`` over the in-scope ops, from kept inputs ``xs`` and cotangents ``ds`` (the
+    chunked LM head's from its kept statistics, :func:`jaxrl_geom.salt.head.kept_head_gram`).
 
     A stacked op (scanned layers: ``[L, N, ...]`` tensors) adds its layers' blocks, one
     layer at a time (``lax.map``), each times its ``LayerScope`` factor if any.
     """
     gram = None
-    for name, (_, tap) in tapped_modules(model).items():
+    for name, (module, tap) in tapped_modules(model).items():
         spec, x, d = tap.spec, xs[name], ds[name]
         if not (spec.weight or spec.bias):
             continue
-        if tap.num_layers:
+        if salt_head.is_kept_head(x):
+            block = salt_head.kept_head_gram(module, tap, x, d, *head)
+        elif tap.num_layers:
             blocks = jax.lax.map(lambda a, tap=tap: _block(tap, *a), (x, d, tap.projections()))
             if tap.layer_scope is not None:
                 blocks = blocks * tap.layer_scope[...][:, None, None]
@@ -119,8 +135,11 @@ def _block(tap: _Tap, x: dict, d: dict, proj: tuple) -> jax.Array:
     return _lookup_gram(x["main"], d["d_main"], spec)
 
 
-def grads_from_kept(model: nnx.Module, params: nnx.State, xs: Kept, ds: Kept) -> nnx.State:
-    """Parameter gradients ``X^T D`` per op (``ds`` already weighted), shaped like ``params``.
+def grads_from_kept(
+    model: nnx.Module, params: nnx.State, xs: Kept, ds: Kept, *, head: HeadOptions = _HEAD
+) -> nnx.State:
+    """Parameter gradients ``X^T D`` per op (``ds`` already weighted), shaped like ``params``
+    (the chunked LM head's by its own vjp, :func:`jaxrl_geom.salt.head.kept_head_grads`).
 
     Raises:
       ValueError: a parameter is not held by a tapped ``Linear`` / ``Embedding`` /
@@ -129,7 +148,14 @@ def grads_from_kept(model: nnx.Module, params: nnx.State, xs: Kept, ds: Kept) ->
     grads: dict[str, jax.Array] = {}
     for name, (module, tap) in tapped_modules(model).items():
         x, d = xs[name], ds[name]
-        if isinstance(tap, (DenseTap, ScaleTap)):
+        kept_head = salt_head.is_kept_head(x)
+        if kept_head:
+            w_head, b_head = salt_head.kept_head_grads(module, x, d, *head)
+        if isinstance(tap, DenseTap) and kept_head:
+            grads[f"{name}.kernel"] = w_head
+            if module.bias is not None:
+                grads[f"{name}.bias"] = b_head
+        elif isinstance(tap, (DenseTap, ScaleTap)):
             has_bias = getattr(module, "bias", None) is not None
             layer = functools.partial(_layer_grads, tap, has_bias)
             # stacked op (scanned layers): [L, N, ...] -> gradients [L, ...], batched matmuls
@@ -139,7 +165,9 @@ def grads_from_kept(model: nnx.Module, params: nnx.State, xs: Kept, ds: Kept) ->
             table = module.embedding
             dd = _flat2(d["d_main"]).astype(jnp.float32)
             g = jax.ops.segment_sum(dd, x["main"].reshape(-1), num_segments=table.shape[0])
-            if tap.spec.tied:
+            if tap.spec.tied and kept_head:
+                g = g + w_head
+            elif tap.spec.tied:
                 h, dl = _last(tap.spec, x["head"], d["d_head"])
                 g = g + _mm("td,tv->vd", _flat2(h), _flat2(dl))
             grads[f"{name}.embedding"] = g

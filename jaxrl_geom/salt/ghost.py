@@ -35,7 +35,9 @@ compute exactly in closed form (our derivation):
 The head's ``(h, D^logits)`` reach the lookup's backward rule through a *carrier*: a
 zero output of the lookup tap that the head tap takes as input and whose cotangent
 it sets to ``(h, D^logits)``. This holds one ``[N, T, V]`` float32 tensor (the size
-of the logits) through the backward of the trunk.
+of the logits) through the backward of the trunk. SALT's step runs the head in chunks
+instead (``head_positions > 0``, :mod:`jaxrl_geom.salt.head`): its carrier holds
+``(h, y, lse, g)`` of the completion positions and the table, never ``[N, T, V]``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from jaxrl_geom.salt.blocks import (
     _tied_block,
 )
 from jaxrl_geom.salt.gram import Scope, check_scope, in_scope, path_to_str, scale_gram
+from jaxrl_geom.salt.head_gram import HeadWeight, tied_head_gram
 
 BACKENDS: tuple[str, ...] = ("auto", "ghost", "tiled", "sketch")
 
@@ -234,6 +237,44 @@ def _tied_head_tap_bwd(spec, h, d_logits):
 _tied_head_tap.defvjp(_tied_head_tap_fwd, _tied_head_tap_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tied_lookup_chunk_tap(
+    spec: _TapSpec, y: jax.Array, tokens: jax.Array, probe: jax.Array, projections: tuple
+) -> tuple[jax.Array, tuple]:
+    """The lookup tap of a tied table whose head runs in chunks (``spec.last`` positions,
+    :func:`jaxrl_geom.salt.head.head_logprobs`): identity on ``y`` plus a zero carrier
+    ``(h [N, L, D], y, lse, g [N, L], table [V, D], tau)`` whose cotangent the head tap
+    sets (no ``[N, L, V]`` tensor; the table is the parameter itself)."""
+    del tokens, probe, projections
+    return y, _zero_chunk_carrier(spec, y)
+
+
+def _zero_chunk_carrier(spec: _TapSpec, y: jax.Array) -> tuple:
+    n, d = y.shape[0], y.shape[-1]
+    per_position = jnp.zeros((n, spec.last), jnp.float32)
+    h = jnp.zeros((n, spec.last, d), y.dtype)
+    table = jnp.zeros((spec.vocab_size, d), y.dtype)
+    return h, per_position, per_position, per_position, table, jnp.zeros((), jnp.float32)
+
+
+def _tied_lookup_chunk_tap_fwd(spec, y, tokens, probe, projections):
+    del probe
+    return (y, _zero_chunk_carrier(spec, y)), (tokens, projections)
+
+
+def _tied_lookup_chunk_tap_bwd(spec, residuals, cotangents):
+    tokens, projections = residuals
+    dy, (h, targets, lse, g, table, tau) = cotangents  # set by the chunked head tap
+    weight = HeadWeight(table, None, tied=True, dtype=table.dtype, chunk_tokens=spec.chunk_tokens)
+    head = (h, targets.astype(jnp.int32), lse, g)
+    dy, gram = _gram_now(dy, tied_head_gram(spec, projections, weight, tokens, dy, head, tau))
+    zeros = jax.tree.map(jnp.zeros_like, projections)
+    return dy, _int_cotangent(tokens), gram, zeros
+
+
+_tied_lookup_chunk_tap.defvjp(_tied_lookup_chunk_tap_fwd, _tied_lookup_chunk_tap_bwd)
+
+
 # ----------------------------------------------------------------------------------------
 # Tap modules (set as ``gram_tap`` of Linear / Embedding / RMSNorm)
 # ----------------------------------------------------------------------------------------
@@ -309,9 +350,8 @@ class EmbeddingTap(_Tap):
         _record_call(self.spec.path)
         if not self.spec.tied:
             return _lookup_tap(self.spec, y, tokens, self.probe[...])
-        y, self.carrier = _tied_lookup_tap(
-            self.spec, y, tokens, self.probe[...], self.projections()
-        )
+        lookup = _tied_lookup_chunk_tap if self.spec.last else _tied_lookup_tap
+        y, self.carrier = lookup(self.spec, y, tokens, self.probe[...], self.projections())
         return y
 
     def attend(self, logits: jax.Array, h: jax.Array) -> jax.Array:
@@ -319,6 +359,12 @@ class EmbeddingTap(_Tap):
             raise ValueError(
                 f"Embedding {self.spec.path!r} was tapped as untied but attend() was called: "
                 "pass tied_embeddings=True to attach_gram_taps for a tied LM head."
+            )
+        if self.spec.last:
+            raise ValueError(
+                f"The tied head of {self.spec.path!r} was tapped for SALT's chunked head "
+                "(head_positions > 0): run it through jaxrl_geom.salt.head.head_logprobs, or "
+                "attach the taps with head_positions=0 for a full-logits attend()."
             )
         if self.spec.keep:
             return self._keep("head", logits, h)
@@ -382,8 +428,10 @@ def attach_gram_taps(
       keep: book-keeping taps on EVERY op (the update needs them all; ``scope`` still
         selects the Gram): each sows its input as :class:`KeptX` and adds a
         :class:`KeptD` probe (set by :func:`set_kept_d_probes`) whose gradient is ``D``.
-      head_positions: only the last ``head_positions`` positions of the LM head carry a
-        gradient (the completion); its Gram block skips the rest. 0: all positions.
+      head_positions: ``L > 0``: the LM head runs only at the last ``L`` positions (the
+        completion), in chunks, through :func:`jaxrl_geom.salt.head.head_logprobs`, and
+        its Gram comes from per-position statistics (a tied table's ``attend`` then
+        raises). 0: the head is tapped at every position of ``model(...)``.
 
     Returns:
       the sorted parameter paths that enter the Gram.
@@ -402,6 +450,7 @@ def attach_gram_taps(
     if backend == "sketch" and not (isinstance(sketch_dim, int) and sketch_dim >= 1):
         raise ValueError(f"sketch_dim must be a positive int; got {sketch_dim!r}.")
     spec = functools.partial(_TapSpec, backend=backend, keep=keep)
+    chunk_tokens = getattr(getattr(model, "config", None), "logits_chunk_tokens", 1024)
     head = getattr(model, "lm_head", None)
     covered: list[str] = []
     sketched: list[tuple[_Tap, int, int]] = []  # (tap, d_in, d_out) of sketched dense blocks
@@ -419,7 +468,9 @@ def attach_gram_taps(
             kernel, bias = any(kernels), any(biases)
             if kernel or bias or keep:
                 last = head_positions if module is head else 0
-                tap_spec = spec(path=prefix, weight=kernel, bias=bias, last=last)
+                tap_spec = spec(
+                    path=prefix, weight=kernel, bias=bias, last=last, chunk_tokens=chunk_tokens
+                )
                 module.gram_tap = DenseTap(num_rows, tap_spec, layers and len(kernels))
                 module.gram_tap.layer_scope = st.layer_scope(prefix, kernels, biases, layers)
                 if kernel:
@@ -436,6 +487,7 @@ def attach_gram_taps(
                     vocab_size=module.embedding.shape[0],
                     tied=tied_embeddings,
                     last=head_positions if tied_embeddings else 0,
+                    chunk_tokens=chunk_tokens,
                 )
                 module.gram_tap = EmbeddingTap(num_rows, table)
                 if tied_embeddings and selected:  # the table as a dense block [D, V]

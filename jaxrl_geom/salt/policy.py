@@ -39,6 +39,10 @@ term adds ``2P`` to book-keeping (its ``D`` chain). Gram blocks: ``tiled`` about
 ``(T + N) / 3T`` of a plain step, ``sketch`` a few percent, ``ghost``
 ``N T (d_in + d_out) / 3 d_in d_out`` (only for short rows).
 
+The LM head runs only at the completion positions, in the plain step's chunks
+(:mod:`jaxrl_geom.salt.head`): its Gram block and book-keeping use the kept
+``(h, y, lse, g)`` per position, never the ``[N, L, V]`` logits or their cotangent.
+
 ``gamma_max=0`` without re-centering gives ``a' = a`` bit for bit; the update is then
 computed by the very code of the plain step, so the new parameters are identical
 to ``grpo_step`` without ``salt`` while the ``salt/*`` geometry metrics are logged.
@@ -51,6 +55,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -58,7 +63,6 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxrl_geom.models import taps
-from jaxrl_geom.rl import logprobs as lp
 from jaxrl_geom.rl import losses
 from jaxrl_geom.rl.step import (
     Gradients,
@@ -66,7 +70,7 @@ from jaxrl_geom.rl.step import (
     RolloutBatch,
     accumulate_micro_batches,
     combine_micro_batch_stats,
-    completion_logits,
+    completion_hidden,
     global_denominators,
     loss_and_metrics,
     merge_metrics,
@@ -83,6 +87,7 @@ from jaxrl_geom.salt.ghost import (
     split_tapped,
     tap_calls,
 )
+from jaxrl_geom.salt.head import head_logprobs
 from jaxrl_geom.salt.reweight import SaltDiagnostics, SaltKnobs, _Knobs, reweight
 
 #: Diagnostics logged as ``salt/<name>`` metrics.
@@ -127,17 +132,16 @@ def _surrogate(
     mask = batch.completion_mask
     types = (nnx.Intermediate,) * config.capture_activations + (KeptX,) * keep
     stats = kept = None
+    policy = functools.partial(_completion_logprobs, temperature=config.temperature)
     if types:
         if config.capture_activations:
             taps.set_qk_capture(model, True)
-        logits, *states = nnx.capture(completion_logits, *types)(model, batch)  # [n, L, V]
+        (logp, entropy), *states = nnx.capture(policy, *types)(model, batch)  # [n, L] each
         if config.capture_activations:
             stats = taps.collect_qk_stats(states[0])
         kept = states[-1] if keep else None
     else:
-        logits = completion_logits(model, batch)  # [n, L, V]
-    targets = batch.tokens[:, -mask.shape[1] :]  # [n, L]
-    logp = lp.token_logprobs(logits, targets, config.temperature)  # [n, L]
+        logp, entropy = policy(model, batch)  # [n, L] each
     weights = losses.token_weights(
         mask,
         config.loss_type,
@@ -160,13 +164,21 @@ def _surrogate(
     # The plain clipped loss and its metrics, as values (what grpo_step reports).
     loss, metrics = loss_and_metrics(
         jax.lax.stop_gradient(logp),
-        lp.token_entropy(jax.lax.stop_gradient(logits), config.temperature),
+        entropy,
         batch,
         config,
         num_sequences=num_sequences,
         num_tokens=num_tokens,
     )
     return per_row, kl_term, _Aux(loss, metrics, stats, active, kept)
+
+
+def _completion_logprobs(model: nnx.Module, batch: RolloutBatch, temperature: float):
+    """``(log pi, entropy)`` ``[n, L]`` of the completion tokens: the trunk, then the LM
+    head at the completion positions only, in the plain step's chunks, tapped
+    (:func:`jaxrl_geom.salt.head.head_logprobs`)."""
+    targets = batch.tokens[:, -batch.completion_mask.shape[1] :]  # [n, L]
+    return head_logprobs(model, completion_hidden(model, batch), targets, temperature)
 
 
 def salt_metrics(diagnostics: SaltDiagnostics) -> dict[str, jax.Array]:
@@ -317,10 +329,11 @@ def _bookkeeping(
     if m > 1:  # stacked ops (scanned layers) keep [m, L, N/m, ...]
         merge = lambda k: None if k is None else bk.merge_kept(tapped, k)  # noqa: E731
         xs, d_pol, d_kl = merge(xs), merge(d_pol), merge(d_kl)
-    gram = bk.gram_from_kept(tapped, xs, d_pol)
+    head = bk.HeadOptions(config.temperature, tapped.config.logits_chunk_tokens)
+    gram = bk.gram_from_kept(tapped, xs, d_pol, head=head)
     a_new, diagnostics = reweight(gram, batch.advantages, batch.group_ids, knobs)
     weighted = bk.weigh_kept(tapped, a_new, d_pol, d_kl)
-    grads = bk.grads_from_kept(tapped, params, xs, weighted)
+    grads = bk.grads_from_kept(tapped, params, xs, weighted, head=head)
     metrics = {**metrics, **salt_metrics(diagnostics)}
     return Gradients(loss=loss, grads=grads, metrics=metrics, activation_stats=stats)
 

@@ -60,8 +60,9 @@ def test_summarize_pairs_seeds(compare):
 
 
 def test_micro_run_outputs_are_consistent(compare, tmp_path):
-    argv = ["--out", str(tmp_path), "--tasks", "arithmetic", "--arms", "grpo", "salt+longact",
-            "--seeds", "3", "--rounds", "2", "--prompts-per-step", "2", "--group-size", "4",
+    argv = ["--out", str(tmp_path), "--size", "micro", "--tasks", "arithmetic",
+            "--arms", "grpo", "salt+longact", "--seeds", "3", "--rounds", "2",
+            "--prompts-per-step", "2", "--group-size", "4",
             "--eval-prompts", "4", "--eval-every", "1", "--warmup-steps", "2",
             "--warmup-batch", "8"]  # fmt: skip
     compare.main(argv)
@@ -86,10 +87,11 @@ def test_micro_run_outputs_are_consistent(compare, tmp_path):
     expected = {
         3: f"{both['final_reward']:.3f}",
         4: f"{both['final_reward'] - grpo['final_reward']:+.3f}",
-        6: f"{np.mean(s['salt/kappa_before']):.3f}",
-        7: f"{np.mean(s['salt/severity']):.3f}",
-        8: f"{np.mean(s['salt/gamma']):.3f}",
-        9: f"{np.mean(s['longact/q_concentration']):.3f} / "
+        7: f"{np.mean(s['salt/kappa_before']):.3f}",
+        8: f"{np.mean(np.asarray(s['salt/kappa_before']) < 1):.3f}",
+        9: f"{np.mean(s['salt/severity']):.3f}",
+        10: f"{np.mean(s['salt/gamma']):.3f}",
+        11: f"{np.mean(s['longact/q_concentration']):.3f} / "
         f"{np.mean(s['longact/k_concentration']):.3f}",
     }
     for i, want in expected.items():

@@ -405,6 +405,22 @@ def write_outputs(results: dict[str, Any], out: Path, plots: bool = True) -> Non
         plot(results, out)
 
 
+def merge(dirs: Sequence[str]) -> dict[str, Any]:
+    """The results of several runs of this script as one (runs and warm-ups concatenated,
+    wall and CPU seconds summed; ``parts`` keeps each run's command, args and totals)."""
+    parts = [json.loads(Path(d, "results.json").read_text()) for d in dirs]
+    merged = {k: v for k, v in parts[0].items() if k not in ("runs", "warmup")}
+    merged["parts"] = [{k: p.get(k) for k in ("command", "args", "wall_s", "cpu_s")} for p in parts]
+    merged["runs"] = [r for p in parts for r in p["runs"]]
+    merged["warmup"] = {}
+    for p in parts:
+        for task, per_seed in p["warmup"].items():
+            merged["warmup"].setdefault(task, {}).update(per_seed)
+    merged["wall_s"] = sum(p.get("wall_s", 0.0) for p in parts)
+    merged["cpu_s"] = sum(p.get("cpu_s", 0.0) for p in parts)
+    return merged
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -434,6 +450,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="rewrite the table and PNGs from OUT/results.json",
     )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="with --report-only: combine the results.json of these runs (e.g. seeds run in "
+        "separate processes) into OUT",
+    )
     args = p.parse_args(argv)
     if "grpo" not in args.arms:
         p.error("--arms must include grpo (the paired differences are taken against it)")
@@ -453,7 +477,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
-        results = json.loads((out / "results.json").read_text())
+        results = (
+            merge(args.merge) if args.merge else json.loads((out / "results.json").read_text())
+        )
         write_outputs(results, out, plots=not args.no_plots)
         print(markdown_table(results))
         return results

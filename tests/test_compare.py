@@ -63,7 +63,7 @@ def test_micro_run_outputs_are_consistent(compare, tmp_path):
     argv = ["--out", str(tmp_path), "--size", "micro", "--tasks", "arithmetic",
             "--arms", "grpo", "salt+longact", "--seeds", "3", "--rounds", "2",
             "--prompts-per-step", "2", "--group-size", "4",
-            "--eval-prompts", "4", "--eval-every", "1", "--warmup-steps", "2",
+            "--eval-prompts", "4", "--eval-every", "1", "--warmup-steps", "0",
             "--warmup-batch", "8"]  # fmt: skip
     compare.main(argv)
     for name in ("results.json", "results.md", "reward_curves.png", "final_reward.png"):

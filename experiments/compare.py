@@ -177,8 +177,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     """The table of :func:`summarize` in markdown (3 decimals), one line per (task, arm)."""
     head = (
         "| task | arm | seeds | held-out reward, mean [95% CI] | minus GRPO (paired), "
-        "mean [95% CI] | wall s/run | s/round | kappa_before | steps kappa<1 | severity | gamma "
-        "| q / k concentration | q / k mask overlap |\n"
+        "mean [95% CI] | wall / CPU s per run | wall s/round | kappa_before | steps kappa<1 "
+        "| severity | gamma | q / k concentration | q / k mask overlap |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
@@ -193,7 +193,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             str(len(r["seeds"])),
             _ci(r["reward"]),
             _ci(r["diff"], signed=True),
-            f"{r['wall_s']:.1f}",
+            f"{r['wall_s']:.0f} / {r['cpu_s']:.0f}",
             f"{r['round_s']:.2f}",
             _num(r["salt/kappa_before"]),
             _num(r["kappa_below_1"]),

@@ -221,7 +221,8 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], out: Path) -> list[Path]:
     """``reward_curves.png`` (held-out reward per evaluation round, mean and 95% CI band
-    over seeds, one panel per task) and ``final_reward.png`` (final reward per arm)."""
+    over seeds, one panel per task) and ``final_reward.png`` (final reward per arm, and
+    its paired difference to GRPO, with 95% CIs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,15 +252,21 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     fig.savefig(curves, dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6.0), squeeze=False)
+    for j, task in enumerate(tasks):
         mine = [r for r in rows if r["task"] == task]
         for i, r in enumerate(mine):
-            mean, lo, hi = r["reward"]
-            err = None if math.isnan(lo) else [[mean - lo], [hi - mean]]
-            ax.errorbar([i], [mean], yerr=err, fmt="o", capsize=4)
-        ax.set_xticks(range(len(mine)), [r["arm"] for r in mine], rotation=20, fontsize=8)
-        ax.set_title(f"{task}: final reward, 95% CI")
+            for ax, stat in ((axes[0, j], r["reward"]), (axes[1, j], r["diff"])):
+                if stat is None:
+                    continue
+                mean, lo, hi = stat
+                err = None if math.isnan(lo) else [[mean - lo], [hi - mean]]
+                ax.errorbar([i], [mean], yerr=err, fmt="o", capsize=4, color=f"C{i}")
+        for ax in axes[:, j]:
+            ax.set_xticks(range(len(mine)), [r["arm"] for r in mine], rotation=20, fontsize=8)
+        axes[0, j].set_title(f"{task}: final reward, 95% CI", fontsize=10)
+        axes[1, j].set_title(f"{task}: minus GRPO (paired), 95% CI", fontsize=10)
+        axes[1, j].axhline(0.0, color="k", lw=0.8, ls="--")
     fig.tight_layout()
     final = out / "final_reward.png"
     fig.savefig(final, dpi=110)

@@ -1,8 +1,9 @@
 """GRPO vs +SALT vs +LongAct vs SALT+LongAct on the built-in tasks, over seeds.
 
-Usage (the command behind ``docs/RESULTS.md``)::
+Usage (``docs/RESULTS.md`` has the exact commands behind its table)::
 
-    python experiments/compare.py --out runs/compare --seeds 0 1 2 3 4
+    python experiments/compare.py --out runs/compare --seeds 0 1 2 3 4 [--rounds 40]
+    python experiments/compare.py --out runs/gpu --size medium   # or --model-path DIR
 
 Design (issue 12, item 4). For each (task, seed): build the policy (``--size`` preset
 from scratch, or ``--model-path``), run the supervised warm-up ONCE, then train every
@@ -312,6 +313,7 @@ def build_optimizer(
 
 
 def warmup_steps_of(task_name: str, args: argparse.Namespace) -> int:
+    """``--warmup-steps`` if given, else the task's entry in ``WARMUP_STEPS`` or the CLI's."""
     if args.warmup_steps is not None:
         return args.warmup_steps
     return WARMUP_STEPS.get(task_name, TrainConfig().warmup.steps)

@@ -98,3 +98,26 @@ def test_micro_run_outputs_are_consistent(compare, tmp_path):
         assert cells[i] == want, (i, cells[i], want)
     assert cells[2] == "1"
     assert re.search(r"after the warm-up .*arithmetic", table)
+
+
+def test_merge_concatenates_runs_and_warmups(compare, tmp_path):
+    parts = []
+    for seeds in ([0, 1], [2]):
+        d = tmp_path / f"s{seeds[0]}"
+        d.mkdir()
+        results = {
+            "command": "x",
+            "args": {},
+            "wall_s": 2.0,
+            "cpu_s": 1.0,
+            "warmup": {"t": {str(s): {"eval": {"eval/reward_mean": 0.1 * s}} for s in seeds}},
+            "runs": [_run("t", "grpo", s, 0.5 + 0.1 * s) for s in seeds],
+        }
+        (d / "results.json").write_text(json.dumps(results))
+        parts.append(str(d))
+    merged = compare.merge(parts)
+    assert [r["seed"] for r in merged["runs"]] == [0, 1, 2]
+    assert sorted(merged["warmup"]["t"]) == ["0", "1", "2"]
+    assert (merged["wall_s"], merged["cpu_s"]) == (4.0, 2.0) and len(merged["parts"]) == 2
+    row = compare.summarize(merged)[0]
+    assert row["seeds"] == [0, 1, 2] and math.isclose(row["reward"][0], 0.6, rel_tol=1e-12)

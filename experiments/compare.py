@@ -402,7 +402,7 @@ def run_arm(
 
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(json.dumps(obj, separators=(",", ":")))
     os.replace(tmp, path)
 
 

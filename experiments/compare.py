@@ -45,16 +45,17 @@ import optax
 from flax import nnx
 
 from jaxrl_geom.config import TrainConfig
-from jaxrl_geom.longact import longact
 from jaxrl_geom.loop import (
+    build_optimizer,
+    build_policy,
     collect_rollouts,
     evaluate_rewards,
     grpo_step,
+    held_out_examples,
     host_values,
     sample_examples,
     warmup_steps,
 )
-from jaxrl_geom.models import Decoder, ModelConfig, load_pretrained
 from jaxrl_geom.rl import TrainState
 from jaxrl_geom.salt import SaltConfig, salt_estimator
 from jaxrl_geom.sampling import Sample
@@ -278,38 +279,23 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
 # --- the runs -------------------------------------------------------------------------
 
 
-def build_policy(args: argparse.Namespace, tokenizer: Any, seed: int) -> nnx.Module:
-    """A ``--size`` preset from scratch (weights from ``seed``) or ``--model-path``."""
-    if args.model_path:
-        return load_pretrained(args.model_path)
+def run_config(args: argparse.Namespace, seed: int, *, with_longact: bool = False) -> TrainConfig:
+    """The library's defaults (``TrainConfig()``) with this run's model, seed, held-out
+    count and LongAct switch: the arms differ only in the plug-ins."""
+    d = TrainConfig()
     hidden, layers = SIZES[args.size]
-    config = ModelConfig.tiny(tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers)
-    return Decoder(config, rngs=nnx.Rngs(seed))
-
-
-def build_optimizer(
-    defaults: TrainConfig, config: ModelConfig, with_longact: bool
-) -> optax.GradientTransformation:
-    """``chain(clip, adamw[, longact])`` with the run config's defaults (as the CLI)."""
-    o, la = defaults.optim, defaults.longact
-    links = [
-        optax.clip_by_global_norm(o.max_grad_norm),
-        optax.adamw(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
-    ]
-    if with_longact:
-        links.append(
-            longact(
-                num_heads=config.num_attention_heads,
-                num_kv_heads=config.num_key_value_heads,
-                head_dim=config.head_dim,
-                keep_ratio=la.keep_ratio,
-                statistic=la.statistic,
-                scope=la.scope,
-                granularity=la.granularity,
-                refresh=la.refresh,
-            )
-        )
-    return optax.chain(*links)
+    model = dataclasses.replace(
+        d.model,
+        path=args.model_path,
+        hidden_size=hidden,
+        num_layers=layers,
+        dtype=args.dtype,
+        remat=args.remat,
+    )
+    longact_spec = dataclasses.replace(d.longact, enabled=with_longact)
+    return dataclasses.replace(
+        d, seed=seed, model=model, longact=longact_spec, eval_prompts=args.eval_prompts
+    )
 
 
 def warmup_steps_of(task_name: str, args: argparse.Namespace) -> int:
@@ -436,6 +422,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output directory (created)")
     p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model preset")
     p.add_argument("--model-path", default="", help="local HF checkpoint (overrides --size)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=d.model.dtype)
+    p.add_argument("--remat", action="store_true", help="rematerialize layers (less memory)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
@@ -525,11 +513,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for task_name in args.tasks:
             task = make_task(task_name, args)
             max_new = MAX_NEW_TOKENS[task_name]
-            eval_examples = task.sample_prompts(
-                np.random.default_rng(seed + 1_000_003), args.eval_prompts
-            )
+            eval_examples = held_out_examples(run_config(args, seed), task=task)
             exclude = {e.prompt for e in eval_examples}
-            policy = build_policy(args, tokenizer, seed)
+            policy = build_policy(run_config(args, seed), tokenizer=tokenizer)
             t0 = time.perf_counter()
             sft = TrainState.create(policy, sft_tx)
             rng = np.random.default_rng(seed)
@@ -559,7 +545,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
             for arm in args.arms:
                 if arm not in txs:
-                    txs[arm] = build_optimizer(defaults, warmed.config, ARMS[arm][1])
+                    cfg = run_config(args, seed, with_longact=ARMS[arm][1])
+                    txs[arm] = build_optimizer(cfg, model_config=warmed.config)
                 run = run_arm(
                     warmed,
                     task=task,

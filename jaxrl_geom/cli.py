@@ -79,14 +79,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import numpy as np
+    import dataclasses
 
+    from jaxrl_geom.loop import held_out_examples
     from jaxrl_geom.train import evaluate, load_run
 
     policy, run = load_run(args.run_dir)
-    rng = np.random.default_rng(run.cfg.seed + 1_000_003)
-    examples = run.task.sample_prompts(rng, args.prompts)
-    print(json.dumps(evaluate(policy, run, examples), indent=2))
+    held_out = run.cfg.eval_prompts
+    n = held_out if args.prompts is None else args.prompts
+    if n > held_out:
+        raise ValueError(
+            f"--prompts {n}: the run held out only eval_prompts={held_out} prompts (every "
+            f"other prompt may have been trained on); pass --prompts <= {held_out}, or train "
+            "with a larger eval_prompts."
+        )
+    cfg = dataclasses.replace(run.cfg, eval_prompts=n)
+    print(json.dumps(evaluate(policy, run, held_out_examples(cfg, task=run.task)), indent=2))
     return 0
 
 
@@ -125,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="score a run's latest checkpoint on held-out prompts")
     e.add_argument("run_dir")
-    e.add_argument("--prompts", type=_positive_int, default=256)
+    e.add_argument(
+        "--prompts",
+        type=_positive_int,
+        default=None,
+        help="score the first N of the run's held-out prompts (default: all eval_prompts)",
+    )
     e.set_defaults(func=_eval)
 
     b = sub.add_parser("bench", help="run a benchmark script from benchmarks/")

@@ -69,6 +69,11 @@ __all__ = [
 
 # The held-out prompts come from their own stream, never from the training one (seed).
 _HELD_OUT_SEED_OFFSET = 1_000_003
+# Held-out prompts are drawn this many at a time, whatever their number, so that the
+# first n of a larger held-out set are the held-out set of size n.
+_HELD_OUT_DRAW = 128
+# Draws in a row that add nothing before sampling gives up (the task is exhausted).
+_FRUITLESS_DRAWS = 64
 
 
 def build_policy(cfg: TrainConfig, *, tokenizer: Any, mesh: Mesh | None = None) -> nnx.Module:
@@ -76,7 +81,9 @@ def build_policy(cfg: TrainConfig, *, tokenizer: Any, mesh: Mesh | None = None) 
     of ``tokenizer``) or, with ``model.path``, a Hugging Face checkpoint; placed on ``mesh``
     (default: not sharded, on the default device)."""
     if cfg.model.path:
-        return load_pretrained(cfg.model.path, mesh=mesh, dtype=cfg.model.dtype)
+        return load_pretrained(
+            cfg.model.path, mesh=mesh, dtype=cfg.model.dtype, remat=cfg.model.remat
+        )
     mc = ModelConfig.tiny(
         vocab_size=tokenizer.vocab_size,
         hidden_size=cfg.model.hidden_size,
@@ -117,21 +124,53 @@ def build_optimizer(cfg: TrainConfig, *, model_config: ModelConfig) -> optax.Gra
 
 
 def held_out_examples(cfg: TrainConfig, *, task: Any) -> list[Any]:
-    """The run's ``cfg.eval_prompts`` held-out evaluation examples of ``task``, the same
-    in every process and for every run with this ``cfg.seed`` (their own random stream;
-    pass their prompts to :func:`sample_examples` as ``exclude``)."""
+    """The run's ``cfg.eval_prompts`` held-out evaluation examples of ``task``: distinct
+    prompts, the same in every process and for every run with this ``cfg.seed`` (their
+    own random stream; pass their prompts to :func:`sample_examples` as ``exclude``). The
+    first ``n`` of them are the held-out set of a run with ``eval_prompts=n``.
+
+    Raises:
+      ValueError: ``task`` has fewer distinct prompts than ``cfg.eval_prompts``.
+    """
     rng = np.random.default_rng(cfg.seed + _HELD_OUT_SEED_OFFSET)
-    return task.sample_prompts(rng, cfg.eval_prompts)
+    out: dict[str, Any] = {}
+    fruitless = 0
+    while len(out) < cfg.eval_prompts:
+        before = len(out)
+        for e in task.sample_prompts(rng, _HELD_OUT_DRAW):
+            if len(out) < cfg.eval_prompts:
+                out.setdefault(e.prompt, e)
+        fruitless = fruitless + 1 if len(out) == before else 0
+        if fruitless == _FRUITLESS_DRAWS:
+            raise ValueError(
+                f"eval_prompts={cfg.eval_prompts}: task {type(task).__name__} drew only "
+                f"{len(out)} distinct prompts in {_FRUITLESS_DRAWS * _HELD_OUT_DRAW} more draws; "
+                "lower eval_prompts (and leave prompts to train on)."
+            )
+    return list(out.values())
 
 
 def sample_examples(
     task: Any, *, rng: np.random.Generator, n: int, exclude: Collection[str] = ()
 ) -> list[Any]:
     """``n`` training examples of ``task`` drawn with ``rng``, none whose prompt is in
-    ``exclude`` (e.g. the held-out evaluation prompts)."""
+    ``exclude`` (e.g. the held-out evaluation prompts).
+
+    Raises:
+      ValueError: every prompt drawn is in ``exclude`` (the task is exhausted).
+    """
     out: list[Any] = []
+    fruitless = 0
     while len(out) < n:
-        out.extend(e for e in task.sample_prompts(rng, n) if e.prompt not in exclude)
+        kept = [e for e in task.sample_prompts(rng, n) if e.prompt not in exclude]
+        out.extend(kept)
+        fruitless = 0 if kept else fruitless + 1
+        if fruitless == _FRUITLESS_DRAWS:
+            raise ValueError(
+                f"sample_examples: all {_FRUITLESS_DRAWS * n} prompts that task "
+                f"{type(task).__name__} drew are in `exclude` ({len(exclude)} prompts): the "
+                "task has too few prompts for that many held out; lower eval_prompts."
+            )
     return out[:n]
 
 
@@ -237,6 +276,8 @@ def collect_rollouts_dynamic(
             f"dynamic_sampling=true runs in one process so far ({jax.process_count()} were "
             "started): set dynamic_sampling=false for a multi-process run."
         )
+    if max_tries < 1:
+        raise ValueError(f"collect_rollouts_dynamic: max_tries must be >= 1; got {max_tries}.")
     g = int(num_generations)
     tries = iter(range(max_tries))
 

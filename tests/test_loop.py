@@ -12,6 +12,7 @@ from jaxrl_geom.longact import check_chain
 from jaxrl_geom.loop import (
     build_optimizer,
     build_policy,
+    collect_rollouts_dynamic,
     demonstrations,
     held_out_examples,
     sample_examples,
@@ -50,6 +51,41 @@ def test_held_out_examples_are_fixed_and_excluded():
     prompts = {e.prompt for e in held_out}
     train = sample_examples(task, rng=np.random.default_rng(3), n=200, exclude=prompts)
     assert len(train) == 200 and not prompts & {e.prompt for e in train}
+    assert len(prompts) == len(held_out) == 32  # distinct, although the draws collide
+
+
+def test_held_out_examples_prefix_and_exhaustion():
+    """A smaller held-out set is the start of a larger one (what ``jaxrl-geom eval
+    --prompts n`` scores); asking for more prompts than the task has is an error, and so
+    is sampling once every prompt is held out (no endless loop)."""
+    task = get_task("arithmetic", num_digits=1)  # exactly 100 distinct prompts
+    small = held_out_examples(load_config(None, ["eval_prompts=40"]), task=task)
+    large = held_out_examples(load_config(None, ["eval_prompts=100"]), task=task)
+    assert [e.prompt for e in large[:40]] == [e.prompt for e in small]
+    assert len({e.prompt for e in large}) == 100
+    with pytest.raises(ValueError, match="eval_prompts=101"):
+        held_out_examples(load_config(None, ["eval_prompts=101"]), task=task)
+    with pytest.raises(ValueError, match="lower eval_prompts"):
+        sample_examples(task, rng=np.random.default_rng(0), n=4, exclude={e.prompt for e in large})
+
+
+def test_dynamic_sampling_needs_a_try():
+    with pytest.raises(ValueError, match="max_tries must be >= 1; got 0"):
+        collect_rollouts_dynamic(
+            None, next_examples=list, max_tries=0, key=jax.random.key(0),
+            num_generations=2, max_new_tokens=2,
+        )  # fmt: skip
+
+
+def test_build_policy_passes_remat_to_a_checkpoint(tmp_path):
+    """``model.remat`` holds for an HF checkpoint as for the preset."""
+    from jaxrl_geom.models import save_pretrained
+
+    tiny = load_config(None, ["model.hidden_size=32", "model.num_layers=1"])
+    save_pretrained(build_policy(tiny, tokenizer=TOK), tmp_path)
+    for remat in (False, True):
+        cfg = load_config(None, [f"model.path={tmp_path}", f"model.remat={remat}"])
+        assert build_policy(cfg, tokenizer=TOK).config.remat is remat
 
 
 def test_build_policy_and_optimizer_follow_the_config():

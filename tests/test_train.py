@@ -62,6 +62,10 @@ def test_train_resume_eval(tmp_path, capsys):
     assert cli.main(["eval", str(out), "--prompts", "8"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert 0.0 <= scores["eval/reward_mean"] <= 1.0
+    # Only the run's own held-out prompts are held out: more is a one-line error.
+    assert cli.main(["eval", str(out), "--prompts", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "--prompts 9" in err and "eval_prompts=8" in err
 
 
 def test_train_with_salt_longact_dapo(tmp_path):

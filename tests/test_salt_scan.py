@@ -20,13 +20,14 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from tolerances import assert_f32_close, depth_ops
+from tolerances import assert_f32_close, depth_ops, f32_atol
 
 from jaxrl_geom.models import Decoder, ModelConfig
 from jaxrl_geom.rl import GrpoConfig, RolloutBatch, TrainState, grpo_step
 from jaxrl_geom.rl.step import completion_logits
-from jaxrl_geom.salt import SaltConfig, SaltKnobs, gram_of_loss, salt_estimator
+from jaxrl_geom.salt import SaltConfig, SaltKnobs, gram_of_loss, per_sample_grads, salt_estimator
 from jaxrl_geom.salt.ghost import attach_gram_taps
+from jaxrl_geom.salt.gram import gram_from_features
 from jaxrl_geom.sharding import make_mesh, shard_batch, shard_model
 
 NL, V, N, P, LC = 2, 48, 8, 6, 5
@@ -216,3 +217,32 @@ def test_scope_splitting_kernel_and_bias_of_a_stack_is_refused():
     # Taking whole layers (kernel and bias together) is fine, with per-layer names.
     covered = attach_gram_taps(scanned, N, scope=r"layers\.1\.self_attn\.q_proj")
     assert covered == ("layers.1.self_attn.q_proj.bias", "layers.1.self_attn.q_proj.kernel")
+
+
+def test_scope_names_the_same_layers_in_salt_and_in_the_taps():
+    """On scanned layers a scope is judged on unrolled names (``layers.<i>.<...>``) by the
+    Gram taps AND by ``gram_from_features`` (what ``salt()`` reweights with): a scope
+    taking layer 1 and the head gives the same Gram both ways (it took the head alone in
+    ``gram_from_features`` when that judged the stacked name ``layers.mlp...``)."""
+    cfg = ModelConfig.tiny(32, hidden_size=16, num_hidden_layers=2)
+    model = Decoder(dataclasses.replace(cfg, scan_layers=True), rngs=nnx.Rngs(0))
+    n, t = 4, 6
+    tokens = jax.random.randint(jax.random.key(1), (n, t), 0, 32)
+    pos, mask = jnp.broadcast_to(jnp.arange(t), (n, t)), jnp.ones((n, t), bool)
+
+    def per_row(m, tokens, pos, mask):
+        return jnp.sum(jnp.sin(m(tokens, pos, mask)[0]), axis=(1, 2))
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def row_loss(p, row):
+        return per_row(nnx.merge(graphdef, p, rest), *(a[None] for a in row))[0]
+
+    feats = per_sample_grads(row_loss, params, (tokens, pos, mask))
+    scope = r"layers\.1\.|lm_head"
+    k_taps = gram_of_loss(per_row, model, tokens, pos, mask, scope=scope, backend="tiled")
+    k_salt = gram_from_features(feats, scope)
+    head_only = gram_from_features(feats, r"lm_head")
+    scale = float(jnp.max(jnp.abs(k_taps)))
+    assert_f32_close(k_salt, k_taps, scale=scale, ops=depth_ops(2), err_msg="scoped Gram")
+    assert float(jnp.max(jnp.abs(k_salt - head_only))) > 1e3 * f32_atol(scale, depth_ops(2))

@@ -31,7 +31,9 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
+from jaxrl_geom.models.taps import has_stacked_layers
 from jaxrl_geom.param_paths import path_to_str
 
 PyTree = Any
@@ -167,13 +169,9 @@ def gram_from_features(features: PyTree, scope: Scope = None) -> jax.Array:
     """
     check_scope(scope)
     n = _leading_size(features, "features")
-    selected = [
-        leaf
-        for path, leaf in jax.tree_util.tree_leaves_with_path(features)
-        if in_scope(scope, path_to_str(path), leaf)
-    ]
+    selected = [leaf for name, leaf in _per_layer_leaves(features) if in_scope(scope, name, leaf)]
     if not selected:
-        paths = [path_to_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(features)]
+        paths = [name for name, _ in _per_layer_leaves(features)]
         raise ValueError(
             f"scope {scope!r} selects no parameter; the paths are e.g. {paths[:5]}. "
             "Fix the scope regex/filter or pass scope=None for all parameters."
@@ -183,6 +181,22 @@ def gram_from_features(features: PyTree, scope: Scope = None) -> jax.Array:
         flat = jnp.reshape(leaf, (n, -1)).astype(jnp.float32)  # [N, P_l]
         gram = gram + jnp.dot(flat, flat.T, precision=_HI)
     return gram
+
+
+def _per_layer_leaves(features: PyTree) -> list[tuple[str, jax.Array]]:
+    """``(name, [N, ...] leaf)`` per leaf; on scanned layers (an ``nnx.State`` with stacked
+    ``layers.<...> [N, L, ...]``) one entry per layer under its unrolled name
+    ``layers.<i>.<...>``, so a scope selects the same parameters as the Gram taps'."""
+    stacked = isinstance(features, nnx.State) and has_stacked_layers(features)
+    out = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(features):
+        name = path_to_str(path)
+        head, _, tail = name.partition(".")
+        if stacked and head == "layers":
+            out += [(f"{head}.{i}.{tail}", leaf[:, i]) for i in range(leaf.shape[1])]
+        else:
+            out.append((name, leaf))
+    return out
 
 
 # ----------------------------------------------------------------------------------------

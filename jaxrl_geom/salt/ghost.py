@@ -62,7 +62,14 @@ from jaxrl_geom.salt.blocks import (
     _TapSpec,
     _tied_block,
 )
-from jaxrl_geom.salt.gram import Scope, check_scope, in_scope, path_to_str, scale_gram
+from jaxrl_geom.salt.gram import (
+    Scope,
+    check_scope,
+    in_scope,
+    path_to_str,
+    per_layer_leaves,
+    scale_gram,
+)
 from jaxrl_geom.salt.head_gram import HeadWeight, tied_head_gram
 
 BACKENDS: tuple[str, ...] = ("auto", "ghost", "tiled", "sketch")
@@ -505,7 +512,7 @@ def attach_gram_taps(
     if backend == "sketch":
         _draw_projections(sketched, sketch_dim, seed, step, stacks)
 
-    params = st.per_layer_params(nnx.state(model, nnx.Param), scope)
+    params = per_layer_leaves(nnx.state(model, nnx.Param), slices=callable(scope))
     wanted = {name for name, leaf in params if in_scope(scope, name, leaf)}
     if not wanted:
         names = [name for name, _ in params]

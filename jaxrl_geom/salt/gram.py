@@ -169,9 +169,10 @@ def gram_from_features(features: PyTree, scope: Scope = None) -> jax.Array:
     """
     check_scope(scope)
     n = _leading_size(features, "features")
-    selected = [leaf for name, leaf in _per_layer_leaves(features) if in_scope(scope, name, leaf)]
+    leaves = per_layer_leaves(features, layer_axis=1)
+    selected = [leaf for name, leaf in leaves if in_scope(scope, name, leaf)]
     if not selected:
-        paths = [name for name, _ in _per_layer_leaves(features)]
+        paths = [name for name, _ in leaves]
         raise ValueError(
             f"scope {scope!r} selects no parameter; the paths are e.g. {paths[:5]}. "
             "Fix the scope regex/filter or pass scope=None for all parameters."
@@ -183,17 +184,24 @@ def gram_from_features(features: PyTree, scope: Scope = None) -> jax.Array:
     return gram
 
 
-def _per_layer_leaves(features: PyTree) -> list[tuple[str, jax.Array]]:
-    """``(name, [N, ...] leaf)`` per leaf; on scanned layers (an ``nnx.State`` with stacked
-    ``layers.<...> [N, L, ...]``) one entry per layer under its unrolled name
-    ``layers.<i>.<...>``, so a scope selects the same parameters as the Gram taps'."""
-    stacked = isinstance(features, nnx.State) and has_stacked_layers(features)
+def per_layer_leaves(
+    tree: PyTree, *, layer_axis: int = 0, slices: bool = True
+) -> list[tuple[str, Any]]:
+    """``(name, leaf)`` per leaf of ``tree``; on scanned layers (an ``nnx.State`` whose
+    ``layers.<...>`` leaves stack the layers on ``layer_axis``) one entry per layer under
+    its unrolled name ``layers.<i>.<...>`` with its slice (``None`` without ``slices``),
+    so a scope selects the same parameters as on the unrolled model and its Gram taps."""
+    stacked = isinstance(tree, nnx.State) and has_stacked_layers(tree)
     out = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(features):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         name = path_to_str(path)
         head, _, tail = name.partition(".")
         if stacked and head == "layers":
-            out += [(f"{head}.{i}.{tail}", leaf[:, i]) for i in range(leaf.shape[1])]
+            for i in range(leaf.shape[layer_axis]):
+                value = (
+                    jax.lax.index_in_dim(leaf, i, layer_axis, keepdims=False) if slices else None
+                )
+                out.append((f"{head}.{i}.{tail}", value))
         else:
             out.append((name, leaf))
     return out

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrl_geom.models.taps import has_stacked_layers
-from jaxrl_geom.param_paths import path_to_str
 from jaxrl_geom.salt.gram import Scope, in_scope
 
 
@@ -89,20 +86,3 @@ def layer_scope(
     if all(per_layer) or not any(per_layer):
         return None
     return LayerScope(jnp.asarray(per_layer, jnp.float32))
-
-
-def per_layer_params(params: nnx.State, scope: Scope) -> list[tuple[str, Any]]:
-    """``(name, value)`` per parameter; a stacked ``layers.<...>`` parameter gives one
-    entry per layer under its unrolled name (its slice as the value when ``scope`` is a
-    callable, else ``None``)."""
-    stacked = has_stacked_layers(params)
-    out = []
-    for p, leaf in jax.tree_util.tree_leaves_with_path(params):
-        name = path_to_str(p)
-        head, _, tail = name.partition(".")
-        if stacked and head == "layers":
-            value = (lambda i, leaf=leaf: leaf[i]) if callable(scope) else (lambda i: None)
-            out += [(f"{head}.{i}.{tail}", value(i)) for i in range(leaf.shape[0])]
-        else:
-            out.append((name, leaf))
-    return out

@@ -78,10 +78,37 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> tuple[np.ndarray, 
     return tokenizer.batch_encode(list(prompts), pad_to=_bucket(longest), left_pad=True)
 
 
-def _decode(tokenizer: Any, completion: np.ndarray, lengths: np.ndarray) -> list[str]:
-    return [
-        tokenizer.decode(row[: int(n)].tolist()) for row, n in zip(completion, lengths, strict=True)
+def _generate_rows(
+    model: Any,
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    key: jax.Array,
+    rows: slice,
+    tokenizer: Any,
+    max_new_tokens: int,
+    method: SamplingMethod,
+    mesh: Mesh | None,
+) -> tuple[Any, list[str]]:
+    """This process's rows ``rows`` of the global batch: ``generate``'s output (stopping at
+    EOS, padded with the pad id, each row's randomness from its global row id) and the
+    decoded completions."""
+    out = generate(
+        model,
+        tokens,
+        mask,
+        key,
+        max_new_tokens=max_new_tokens,
+        method=method,
+        stop_tokens=(tokenizer.eos_id,),
+        pad_id=tokenizer.pad_id,
+        mesh=mesh,
+        row_ids=np.arange(rows.start, rows.stop, dtype=np.int32),
+    )
+    texts = [
+        tokenizer.decode(row[: int(n)].tolist())
+        for row, n in zip(out.completion, out.lengths, strict=True)
     ]
+    return out, texts
 
 
 def global_means(values: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, float]:
@@ -162,19 +189,9 @@ def collect_rollouts(
     local = slice(rows.start // g, rows.stop // g)
     rtok = np.repeat(ptok[local], g, axis=0)
     rmask = np.repeat(pmask[local], g, axis=0)
-    out = generate(
-        model,
-        rtok,
-        rmask,
-        key,
-        max_new_tokens=max_new_tokens,
-        method=method,
-        stop_tokens=(tokenizer.eos_id,),
-        pad_id=tokenizer.pad_id,
-        mesh=mesh,
-        row_ids=np.arange(rows.start, rows.stop, dtype=np.int32),
+    out, texts = _generate_rows(
+        model, rtok, rmask, key, rows, tokenizer, max_new_tokens, method, mesh
     )
-    texts = _decode(tokenizer, out.completion, out.lengths)
     local_examples = examples[local]
     raw = np.array(
         [reward_fn(t, local_examples[i // g]) for i, t in enumerate(texts)], np.float32
@@ -253,19 +270,10 @@ def evaluate_rewards(
     padded = list(examples) + [examples[-1]] * (n - len(examples))
     rows = sharding.process_rows(n, mesh)
     ptok, pmask = encode_prompts(tokenizer, [e.prompt for e in padded])
-    out = generate(
-        model,
-        ptok[rows],
-        pmask[rows],
-        jax.random.key(0) if key is None else key,
-        max_new_tokens=max_new_tokens,
-        method=method,
-        stop_tokens=(tokenizer.eos_id,),
-        pad_id=tokenizer.pad_id,
-        mesh=mesh,
-        row_ids=np.arange(rows.start, rows.stop, dtype=np.int32),
+    key = jax.random.key(0) if key is None else key
+    _, texts = _generate_rows(
+        model, ptok[rows], pmask[rows], key, rows, tokenizer, max_new_tokens, method, mesh
     )
-    texts = _decode(tokenizer, out.completion, out.lengths)
     local = padded[rows]
     rewards = np.array([reward_fn(t, e) for t, e in zip(texts, local, strict=True)], np.float32)
     weight = (np.arange(rows.start, rows.stop) < len(examples)).astype(np.float32)

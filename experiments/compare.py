@@ -54,11 +54,11 @@ from jaxrl_geom.loop import (
     held_out_examples,
     host_values,
     sample_examples,
+    sampling_method,
     warmup_steps,
 )
 from jaxrl_geom.rl import TrainState
 from jaxrl_geom.salt import SaltConfig, salt_estimator
-from jaxrl_geom.sampling import Sample
 from jaxrl_geom.tasks import get_task
 from jaxrl_geom.tokenizers import CharTokenizer, load_tokenizer
 
@@ -335,7 +335,7 @@ def run_arm(
     grpo_cfg = dataclasses.replace(
         defaults.grpo, temperature=s.temperature, capture_activations=use_longact
     )
-    method = Sample(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    method = sampling_method(defaults)
     exclude = {e.prompt for e in eval_examples}
     rng = np.random.default_rng([seed, 1])  # the same example stream in every arm
     key = jax.random.key(seed)  # the same sampling keys in every arm

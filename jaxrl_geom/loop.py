@@ -51,6 +51,7 @@ from jaxrl_geom.rl import dapo
 from jaxrl_geom.rl.rollouts import make_rollout_batch
 from jaxrl_geom.rl.step import RolloutBatch, TrainState, grpo_step
 from jaxrl_geom.rollout import Rollouts, collect_rollouts, encode_prompts, evaluate_rewards
+from jaxrl_geom.sampling import Sample
 from jaxrl_geom.warmup import demonstration_batch, sft_step
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "held_out_examples",
     "host_values",
     "sample_examples",
+    "sampling_method",
     "warmup_steps",
 ]
 
@@ -93,6 +95,12 @@ def build_policy(cfg: TrainConfig, *, tokenizer: Any, mesh: Mesh | None = None) 
     )
     model = Decoder(mc, rngs=nnx.Rngs(cfg.seed))
     return model if mesh is None else sharding.shard_model(model, mesh)
+
+
+def sampling_method(cfg: TrainConfig) -> Sample:
+    """The rollout sampler of ``cfg.sampling``: ``Sample(temperature, top_k, top_p)``."""
+    s = cfg.sampling
+    return Sample(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
 
 
 def build_optimizer(cfg: TrainConfig, *, model_config: ModelConfig) -> optax.GradientTransformation:

@@ -44,6 +44,7 @@ from jaxrl_geom.loop import (
     held_out_examples,
     host_values,
     sample_examples,
+    sampling_method,
     warmup_steps,
 )
 from jaxrl_geom.models import ModelConfig
@@ -56,7 +57,6 @@ from jaxrl_geom.run_dir import (
     write_json,
     write_run_config,
 )
-from jaxrl_geom.sampling import Sample
 from jaxrl_geom.tasks import get_task
 from jaxrl_geom.tokenizers import CharTokenizer, load_tokenizer
 
@@ -101,7 +101,7 @@ def _rollouts(state: TrainState, run: Run, rng: np.random.Generator, key: jax.Ar
         key=key,
         num_generations=cfg.num_generations,
         max_new_tokens=s.max_new_tokens,
-        method=Sample(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p),
+        method=sampling_method(cfg),
         mesh=run.mesh,
         scale_rewards=cfg.scale_rewards,
         overlong_buffer=cfg.overlong_buffer,
@@ -190,8 +190,7 @@ def prepare(cfg: TrainConfig) -> tuple[Run, nnx.Module, optax.GradientTransforma
         estimator = _salt_estimator(cfg)
     except (ValueError, TypeError) as err:
         raise ValueError(f"salt: {err}") from None
-    s = cfg.sampling
-    Sample(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    sampling_method(cfg)  # its own checks, before any work
     return run, policy, tx, estimator
 
 
